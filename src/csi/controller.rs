@@ -1,0 +1,216 @@
+//! The CSI Controller service. It runs on every node (distributed provisioning) and carves
+//! volumes from that node's own pools.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{parse, run_blocking};
+use crate::proto::csi::v1 as csi;
+use crate::volume::{CreateRequest, Manager, VolumeError, VolumeParams, VolumeSummary, volume_context};
+
+use csi::controller_service_capability::{Rpc, Type, rpc};
+
+pub(super) struct ControllerService {
+    pub(super) manager: Arc<Manager>,
+}
+
+fn to_volume(s: &VolumeSummary, node_id: &str) -> csi::Volume {
+    csi::Volume {
+        capacity_bytes: s.capacity_bytes as i64,
+        volume_id: s.id.to_string(),
+        volume_context: volume_context(s).into_iter().collect(),
+        content_source: None,
+        accessible_topology: vec![parse::node_topology(node_id)],
+    }
+}
+
+#[tonic::async_trait]
+impl csi::controller_server::Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        let name = req.name.chars().take(256).collect::<String>();
+        run_blocking("CreateVolume", &name, move || {
+            if req.volume_content_source.is_some() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "volume_content_source",
+                    message: "snapshots and clones are not supported".into(),
+                });
+            }
+            if !req.mutable_parameters.is_empty() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "mutable_parameters",
+                    message: "no mutable parameters are supported".into(),
+                });
+            }
+            parse::capabilities(&req.volume_capabilities, "volume_capabilities")?;
+            let create = CreateRequest {
+                name: req.name,
+                capacity: parse::capacity_range(req.capacity_range.as_ref()),
+                params: VolumeParams::from_parameters(&parse::to_btree(&req.parameters))?,
+                requisite_nodes: parse::requisite_nodes(req.accessibility_requirements.as_ref()),
+            };
+            let summary = manager.create_volume(&create)?;
+            Ok(csi::CreateVolumeResponse {
+                volume: Some(to_volume(&summary, manager.node_id())),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        let shown = req.volume_id.chars().take(80).collect::<String>();
+        run_blocking("DeleteVolume", &shown, move || {
+            let id = parse::volume_id(&req.volume_id)?;
+            manager.delete_volume(&id)?;
+            Ok(csi::DeleteVolumeResponse {})
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        let shown = req.volume_id.chars().take(80).collect::<String>();
+        run_blocking("ValidateVolumeCapabilities", &shown, move || {
+            let id = parse::volume_id(&req.volume_id)?;
+            if req.volume_capabilities.is_empty() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "volume_capabilities",
+                    message: "at least one capability is required".into(),
+                });
+            }
+            manager.validate(&id)?;
+            // An unsupported capability is not an error here: the answer is "not confirmed".
+            let response = match parse::capabilities(&req.volume_capabilities, "volume_capabilities") {
+                Ok(_) => csi::ValidateVolumeCapabilitiesResponse {
+                    confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                        volume_context: req.volume_context,
+                        volume_capabilities: req.volume_capabilities,
+                        parameters: req.parameters,
+                        mutable_parameters: Default::default(),
+                    }),
+                    message: String::new(),
+                },
+                Err(e) => csi::ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: e.to_string(),
+                },
+            };
+            Ok(response)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        run_blocking("ListVolumes", "", move || {
+            let (volumes, next) = manager.list_volumes(&req.starting_token, req.max_entries)?;
+            Ok(csi::ListVolumesResponse {
+                entries: volumes
+                    .iter()
+                    .map(|v| csi::list_volumes_response::Entry {
+                        volume: Some(to_volume(v, manager.node_id())),
+                        status: None,
+                    })
+                    .collect(),
+                next_token: next.unwrap_or_default(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        run_blocking("GetCapacity", "", move || {
+            if !req.volume_capabilities.is_empty() {
+                parse::capabilities(&req.volume_capabilities, "volume_capabilities")?;
+            }
+            // Capacity depends only on the pool; the other parameters are checked at create.
+            let pool = req.parameters.get("pool").cloned();
+            let elsewhere = req.accessible_topology.as_ref().is_some_and(|t| {
+                t.segments.get(crate::volume::TOPOLOGY_KEY).map(String::as_str)
+                    != Some(manager.node_id())
+            });
+            if elsewhere {
+                return Ok(csi::GetCapacityResponse::default());
+            }
+            let cap = manager.capacity(pool.as_deref())?;
+            Ok(csi::GetCapacityResponse {
+                available_capacity: cap.available_bytes as i64,
+                maximum_volume_size: Some(cap.maximum_volume_bytes as i64),
+                minimum_volume_size: Some(cap.minimum_volume_bytes as i64),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        let caps = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::ListVolumes,
+            rpc::Type::GetCapacity,
+            rpc::Type::ExpandVolume,
+            rpc::Type::SingleNodeMultiWriter,
+        ];
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities: caps
+                .into_iter()
+                .map(|t| csi::ControllerServiceCapability {
+                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        let shown = req.volume_id.chars().take(80).collect::<String>();
+        run_blocking("ControllerExpandVolume", &shown, move || {
+            let id = parse::volume_id(&req.volume_id)?;
+            if req.volume_capability.is_some() {
+                parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
+            }
+            let capacity =
+                manager.controller_expand(&id, parse::capacity_range(req.capacity_range.as_ref()))?;
+            Ok(csi::ControllerExpandVolumeResponse {
+                capacity_bytes: capacity as i64,
+                node_expansion_required: true,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+}

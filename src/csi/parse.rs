@@ -1,0 +1,177 @@
+//! CSI request fields to validated domain values. Every refusal is INVALID_ARGUMENT naming
+//! the field and what is accepted.
+
+use std::collections::BTreeMap;
+
+use crate::proto::csi::v1 as csi;
+use crate::volume::{
+    AccessMode, CapacityRange, Capability, TOPOLOGY_KEY, VolumeError, VolumeId, check_fs_type,
+    parse_mount_flags,
+};
+
+use csi::volume_capability::access_mode::Mode;
+use csi::volume_capability::AccessType;
+
+/// The kubelet key that marks a CSI inline ephemeral volume in `volume_context`.
+pub(super) const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
+fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
+    VolumeError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+pub(super) fn volume_id(raw: &str) -> Result<VolumeId, VolumeError> {
+    if raw.is_empty() {
+        return Err(invalid("volume_id", "is required"));
+    }
+    VolumeId::parse(raw).map_err(|m| invalid("volume_id", m))
+}
+
+pub(super) fn capacity_range(range: Option<&csi::CapacityRange>) -> CapacityRange {
+    range
+        .map(|r| CapacityRange {
+            required_bytes: r.required_bytes,
+            limit_bytes: r.limit_bytes,
+        })
+        .unwrap_or_default()
+}
+
+pub(super) fn capability(
+    cap: Option<&csi::VolumeCapability>,
+    field: &'static str,
+) -> Result<Capability, VolumeError> {
+    let cap = cap.ok_or_else(|| invalid(field, "is required"))?;
+    let mount_flags = match &cap.access_type {
+        Some(AccessType::Mount(m)) => {
+            check_fs_type(&m.fs_type).map_err(|msg| invalid(field, format!("fs_type {msg}")))?;
+            parse_mount_flags(&m.mount_flags)?
+        }
+        Some(AccessType::Block(_)) => {
+            return Err(invalid(
+                field,
+                "block access is not supported: a raw encrypted block device needs the dm-crypt backend, which this node's kernel lacks; use mount access (ext4)",
+            ));
+        }
+        None => return Err(invalid(field, "access_type is required (mount)")),
+    };
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown))
+        .unwrap_or(Mode::Unknown);
+    let access_mode = match mode {
+        Mode::SingleNodeWriter => AccessMode::SingleNodeWriter,
+        Mode::SingleNodeReaderOnly => AccessMode::SingleNodeReaderOnly,
+        Mode::SingleNodeSingleWriter => AccessMode::SingleNodeSingleWriter,
+        Mode::SingleNodeMultiWriter => AccessMode::SingleNodeMultiWriter,
+        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => {
+            return Err(invalid(
+                field,
+                format!(
+                    "access mode {} is not supported: a sealvol volume lives on one node's local disk; accepted: SINGLE_NODE_WRITER, SINGLE_NODE_READER_ONLY, SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER",
+                    mode.as_str_name()
+                ),
+            ));
+        }
+        Mode::Unknown => {
+            return Err(invalid(
+                field,
+                "access_mode is required; accepted: SINGLE_NODE_WRITER, SINGLE_NODE_READER_ONLY, SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER",
+            ));
+        }
+    };
+    Ok(Capability {
+        access_mode,
+        mount_flags,
+    })
+}
+
+pub(super) fn capabilities(
+    caps: &[csi::VolumeCapability],
+    field: &'static str,
+) -> Result<Vec<Capability>, VolumeError> {
+    if caps.is_empty() {
+        return Err(invalid(field, "at least one capability is required"));
+    }
+    caps.iter().map(|c| capability(Some(c), field)).collect()
+}
+
+/// The node each requisite topology names (None when it names no sealvol node).
+pub(super) fn requisite_nodes(req: Option<&csi::TopologyRequirement>) -> Vec<Option<String>> {
+    req.map(|r| {
+        r.requisite
+            .iter()
+            .map(|t| t.segments.get(TOPOLOGY_KEY).cloned())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+pub(super) fn node_topology(node_id: &str) -> csi::Topology {
+    csi::Topology {
+        segments: BTreeMap::from([(TOPOLOGY_KEY.to_string(), node_id.to_string())])
+            .into_iter()
+            .collect(),
+    }
+}
+
+pub(super) fn is_inline(volume_context: &std::collections::HashMap<String, String>) -> bool {
+    volume_context.get(EPHEMERAL_KEY).map(String::as_str) == Some("true")
+}
+
+pub(super) fn to_btree(
+    map: &std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(mode: Mode, access: AccessType) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+            access_type: Some(access),
+        }
+    }
+
+    fn mount(fs: &str) -> AccessType {
+        AccessType::Mount(csi::volume_capability::MountVolume {
+            fs_type: fs.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn single_node_mount_modes_are_accepted() {
+        for mode in [
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            assert!(capability(Some(&cap(mode, mount("ext4"))), "c").is_ok());
+        }
+    }
+
+    #[test]
+    fn block_multi_node_and_other_fs_are_refused_with_reasons() {
+        let e = capability(
+            Some(&cap(Mode::SingleNodeWriter, AccessType::Block(Default::default()))),
+            "volume_capability",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dm-crypt"), "{e}");
+        let e = capability(Some(&cap(Mode::MultiNodeMultiWriter, mount(""))), "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MULTI_NODE_MULTI_WRITER") && e.contains("one node"), "{e}");
+        assert!(capability(Some(&cap(Mode::SingleNodeWriter, mount("xfs"))), "c").is_err());
+        assert!(capability(None, "c").is_err());
+        assert!(capabilities(&[], "c").is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! sealvol: a Kubernetes CSI driver for identity-gated, encrypted, ephemeral local storage.
+//!
+//! Layers, top to bottom (see DESIGN.md): `csi/` adapts gRPC to the domain, `volume/` runs
+//! the lifecycle, `pool/` and `crypt/` do the carving and the data path, `sys/` wraps the
+//! kernel. The binary (`src/main.rs`) adds the command line, the benchmark and the demo.
+
+mod crypt;
+mod csi;
+mod node;
+mod pool;
+mod sys;
+mod volume;
+
+pub mod client;
+pub mod harness;
+pub mod proto;
+
+pub use node::{NodeConfig, StartError, run_node};

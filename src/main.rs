@@ -1,0 +1,119 @@
+//! The `sealvol` binary: `node` runs the CSI plugin, `bench` measures it, `demo` walks one
+//! volume through its life. This is the only place that uses anyhow.
+
+mod bench;
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "sealvol", version, about = "Identity-gated, encrypted, ephemeral local storage for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SEALVOL_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. info or sealvol=debug.
+    #[arg(long, global = true, default_value = "info", env = "SEALVOL_LOG")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CSI Identity, Controller and Node services on a unix socket.
+    Node(NodeArgs),
+    /// Benchmark full volume lifecycles against a node plugin on a temporary loop-file pool.
+    Bench(bench::BenchArgs),
+    /// Walk one volume through create, stage, publish, write, unpublish, unstage and delete.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// CSI endpoint: unix:///path/to/csi.sock
+    #[arg(long, default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's name (the topology value volumes are pinned to).
+    #[arg(long, env = "NODE_NAME")]
+    node_id: String,
+    /// A pool: NAME=DIR, or NAME=device:/dev/X[,/dev/Y]. Repeatable; the first is the default.
+    #[arg(long = "pool", required = true)]
+    pools: Vec<String>,
+    #[arg(long, default_value = "/var/lib/sealvol")]
+    state_dir: PathBuf,
+    /// Target and staging paths outside this directory are refused.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    #[arg(long, default_value = "sealvol.csi.io")]
+    driver_name: String,
+    /// Reported to the scheduler in NodeGetInfo (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_volumes: i64,
+    /// Format pool disks that carry an unknown filesystem or partition table.
+    #[arg(long)]
+    take_over_disks: bool,
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("--log-level {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process still stops on SIGKILL; serve on.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down: mounted volumes stay mounted");
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Node(a) => {
+            init_logging(cli.log_format, &cli.log_level)?;
+            let cfg = sealvol::NodeConfig {
+                endpoint: a.endpoint,
+                node_id: a.node_id,
+                pools: a.pools,
+                state_dir: a.state_dir,
+                kubelet_dir: a.kubelet_dir,
+                driver_name: a.driver_name,
+                max_volumes: a.max_volumes,
+                take_over_disks: a.take_over_disks,
+            };
+            runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Bench(a) => runtime.block_on(bench::run(a)),
+        Command::Demo(a) => runtime.block_on(demo::run(a)),
+    }
+}

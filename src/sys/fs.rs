@@ -1,0 +1,96 @@
+//! File and filesystem calls: statvfs, punching holes, fsync of directories, and walking the
+//! allocated ranges of a sparse file.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::FallocateFlags;
+
+use super::{SysError, retry_eintr};
+
+/// Space and inodes of a mounted filesystem, in bytes and counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FsUsage {
+    pub(crate) total_bytes: u64,
+    /// What an unprivileged writer can still allocate.
+    pub(crate) available_bytes: u64,
+    pub(crate) used_bytes: u64,
+    pub(crate) total_inodes: u64,
+    pub(crate) free_inodes: u64,
+    pub(crate) used_inodes: u64,
+}
+
+pub(crate) fn statvfs(path: &Path) -> Result<FsUsage, SysError> {
+    let st = retry_eintr(|| nix::sys::statvfs::statvfs(path))
+        .map_err(|e| SysError::errno("statvfs", path, e))?;
+    let frsize = st.fragment_size() as u64;
+    let total = st.blocks() as u64 * frsize;
+    let free = st.blocks_free() as u64 * frsize;
+    Ok(FsUsage {
+        total_bytes: total,
+        available_bytes: st.blocks_available() as u64 * frsize,
+        used_bytes: total.saturating_sub(free),
+        total_inodes: st.files() as u64,
+        free_inodes: st.files_free() as u64,
+        used_inodes: (st.files() as u64).saturating_sub(st.files_free() as u64),
+    })
+}
+
+/// Bytes actually allocated to `path` on disk (a sparse file allocates less than its size).
+pub(crate) fn allocated_bytes(meta: &std::fs::Metadata) -> u64 {
+    meta.blocks() * 512
+}
+
+/// Releases `len` bytes at `offset` of `file` back to the filesystem, which passes the
+/// discard on to the device; the file keeps its size and reads zeros there.
+pub(crate) fn punch_hole(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), SysError> {
+    if len == 0 {
+        return Ok(());
+    }
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    retry_eintr(|| nix::fcntl::fallocate(file.as_fd(), flags, offset as i64, len as i64))
+        .map_err(|e| SysError::errno("punch hole", path, e))
+}
+
+/// Makes a directory's entries (a create, rename or unlink in it) durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SysError> {
+    let f = File::open(dir).map_err(|e| SysError::io("open dir", dir, e))?;
+    f.sync_all().map_err(|e| SysError::io("fsync dir", dir, e))
+}
+
+/// Overwrites with zeros every allocated range of `file` at or after `from`, and syncs it.
+/// Holes are skipped: they hold nothing to wipe, and writing them would allocate the whole
+/// volume.
+pub(crate) fn zero_allocated_ranges(file: &mut File, path: &Path, from: u64) -> Result<(), SysError> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    let size = file
+        .metadata()
+        .map_err(|e| SysError::io("stat", path, e))?
+        .len();
+    let mut pos = from;
+    while pos < size {
+        let data = match nix::unistd::lseek(file.as_fd(), pos as i64, nix::unistd::Whence::SeekData) {
+            Ok(p) => p as u64,
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(SysError::errno("seek data", path, e)),
+        };
+        let hole = nix::unistd::lseek(file.as_fd(), data as i64, nix::unistd::Whence::SeekHole)
+            .map_err(|e| SysError::errno("seek hole", path, e))? as u64;
+        file.seek(SeekFrom::Start(data))
+            .map_err(|e| SysError::io("seek", path, e))?;
+        let mut at = data;
+        while at < hole {
+            let n = ((hole - at) as usize).min(CHUNK);
+            file.write_all(&zeros[..n])
+                .map_err(|e| SysError::io("overwrite", path, e))?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    file.sync_data().map_err(|e| SysError::io("fsync", path, e))
+}

@@ -1,0 +1,31 @@
+//! Thin, safe wrappers over the kernel and the few external programs sealvol needs.
+//!
+//! One function per kernel operation; errors keep the operation, the path and the errno.
+//! Nothing here knows about volumes: `volume/` decides, `sys/` does. All `unsafe` in the
+//! crate lives in this module, each block with a `// SAFETY:` note.
+
+mod cmd;
+mod error;
+mod fs;
+mod loopdev;
+mod mount;
+mod mountinfo;
+
+pub(crate) use cmd::{BlkidProbe, Tools};
+pub(crate) use error::SysError;
+pub(crate) use fs::{
+    FsUsage, allocated_bytes, fsync_dir, punch_hole, statvfs, zero_allocated_ranges,
+};
+pub(crate) use loopdev::{AttachedLoop, LoopDevice, attached_loops, find_loop_for};
+pub(crate) use mount::{MountFlags, bind_mount, mount_fs, remount_bind_readonly, unmount};
+pub(crate) use mountinfo::{MountEntry, MountTable};
+
+/// Retries a syscall while it fails with EINTR.
+pub(crate) fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+    loop {
+        match f() {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}

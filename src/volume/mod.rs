@@ -1,0 +1,21 @@
+//! The lifecycle of a volume: create, stage, publish, unpublish, unstage, delete, expand,
+//! stats, and the recovery that makes every step safe to repeat after a crash.
+
+mod crash;
+mod error;
+mod header;
+mod id;
+mod lock;
+mod manager;
+mod params;
+mod paths;
+
+pub(crate) use error::VolumeError;
+pub(crate) use id::VolumeId;
+pub(crate) use manager::{
+    CreateRequest, Manager, NodeSettings, PublishRequest, TOPOLOGY_KEY, VolumeSummary,
+    volume_context,
+};
+pub(crate) use params::{
+    AccessMode, CapacityRange, Capability, VolumeParams, check_fs_type, parse_mount_flags,
+};

@@ -1,0 +1,393 @@
+//! What a caller may ask of a volume, validated: StorageClass parameters (and the same keys as
+//! inline-volume attributes), capacity ranges, sizes, and volume capabilities. Every refusal
+//! names the field and what is accepted.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::VolumeError;
+use crate::sys::MountFlags;
+
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const GIB: u64 = 1 << 30;
+/// The capacity of a volume whose request names none.
+pub(crate) const DEFAULT_CAPACITY: u64 = GIB;
+/// The smallest ext4 volume worth having (journal and metadata included).
+pub(crate) const MIN_CAPACITY: u64 = 16 * MIB;
+/// Kubernetes' own limit on a CSI volume name is 128 bytes; this leaves room for other COs.
+const MAX_NAME_BYTES: usize = 256;
+
+const ACCEPTED_PARAMETERS: &[&str] = &["pool", "fsType", "keyMode", "wipe"];
+const INLINE_ONLY: &[&str] = &["size"];
+/// Keys that Kubernetes adds (external-provisioner's `--extra-create-metadata`, kubelet's pod
+/// info for inline volumes); accepted and ignored here.
+const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Lifecycle {
+    /// Created by CreateVolume, lives until DeleteVolume.
+    Persistent,
+    /// A CSI inline volume: created by its NodePublishVolume, destroyed by its unpublish.
+    Ephemeral,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum KeyMode {
+    /// No encryption and no identity: for benchmarks, and only when named explicitly.
+    None,
+    KeyvaultKey,
+    KeyvaultSecret,
+}
+
+impl KeyMode {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            KeyMode::None => "none",
+            KeyMode::KeyvaultKey => "keyvault-key",
+            KeyMode::KeyvaultSecret => "keyvault-secret",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WipeMode {
+    /// Release the blocks (a discard on the device).
+    Discard,
+    /// Overwrite the allocated blocks with zeros, then release them.
+    Zero,
+}
+
+impl WipeMode {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            WipeMode::Discard => "discard",
+            WipeMode::Zero => "zero",
+        }
+    }
+}
+
+/// StorageClass parameters (or inline volume attributes), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeParams {
+    pub(crate) pool: Option<String>,
+    pub(crate) key_mode: KeyMode,
+    pub(crate) wipe: WipeMode,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
+    VolumeError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+impl VolumeParams {
+    /// Parses CreateVolume `parameters`.
+    pub(crate) fn from_parameters(map: &BTreeMap<String, String>) -> Result<Self, VolumeError> {
+        Self::parse(map, "parameters", &[])
+    }
+
+    /// Parses an inline volume's `volume_context` (its `volumeAttributes` plus kubelet's pod
+    /// keys) and the `size` attribute.
+    pub(crate) fn from_inline_attributes(
+        map: &BTreeMap<String, String>,
+    ) -> Result<(Self, u64), VolumeError> {
+        let params = Self::parse(map, "volume_context", INLINE_ONLY)?;
+        let size = match map.get("size") {
+            Some(s) => align_capacity(
+                parse_size(s).map_err(|m| invalid("volume_context.size", m))?,
+                "volume_context.size",
+            )?,
+            None => DEFAULT_CAPACITY,
+        };
+        Ok((params, size))
+    }
+
+    fn parse(
+        map: &BTreeMap<String, String>,
+        field: &'static str,
+        extra: &[&str],
+    ) -> Result<Self, VolumeError> {
+        for key in map.keys() {
+            if !(ACCEPTED_PARAMETERS.contains(&key.as_str())
+                || extra.contains(&key.as_str())
+                || key.starts_with(KUBERNETES_PREFIX))
+            {
+                let mut accepted: Vec<&str> = ACCEPTED_PARAMETERS.to_vec();
+                accepted.extend_from_slice(extra);
+                let shown: String = key.chars().take(64).collect();
+                return Err(invalid(
+                    field,
+                    format!(
+                        "unknown key {shown:?}; accepted: {} (and {KUBERNETES_PREFIX}* keys)",
+                        accepted.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(fs) = map.get("fsType") {
+            check_fs_type(fs).map_err(|m| invalid("fsType", m))?;
+        }
+        let key_mode = match map.get("keyMode").map(String::as_str) {
+            Some("none") => KeyMode::None,
+            None | Some("keyvault-key") | Some("keyvault-secret") => {
+                return Err(invalid(
+                    "keyMode",
+                    "keyvault-key (the default) and keyvault-secret are not yet supported by this build; set keyMode: none for an unencrypted volume",
+                ));
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "keyMode",
+                    format!("{other:?} is not a key mode; accepted: keyvault-key, keyvault-secret, none"),
+                ));
+            }
+        };
+        let wipe = match map.get("wipe").map(String::as_str) {
+            None | Some("discard") => WipeMode::Discard,
+            Some("zero") => WipeMode::Zero,
+            Some(other) => {
+                return Err(invalid(
+                    "wipe",
+                    format!("{other:?} is not a wipe mode; accepted: discard, zero"),
+                ));
+            }
+        };
+        let pool = map.get("pool").cloned();
+        if let Some(p) = &pool {
+            if !crate::pool::valid_pool_name(p) {
+                return Err(invalid("pool", format!("{p:?} is not a pool name")));
+            }
+        }
+        Ok(VolumeParams {
+            pool,
+            key_mode,
+            wipe,
+        })
+    }
+}
+
+pub(crate) fn check_fs_type(fs: &str) -> Result<(), String> {
+    match fs {
+        "" | "ext4" => Ok(()),
+        other => Err(format!("{other:?} is not supported; accepted: ext4")),
+    }
+}
+
+/// Checks a volume name (CreateVolume `name`).
+pub(crate) fn check_name(name: &str) -> Result<(), VolumeError> {
+    if name.is_empty() {
+        return Err(invalid("name", "must not be empty"));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(invalid(
+            "name",
+            format!("is {} bytes; at most {MAX_NAME_BYTES} are accepted", name.len()),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid("name", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A CSI capacity range: 0 means "not set" for either bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CapacityRange {
+    pub(crate) required_bytes: i64,
+    pub(crate) limit_bytes: i64,
+}
+
+impl CapacityRange {
+    /// The capacity to create: the required size rounded up to whole MiB (at least the
+    /// minimum), or the default when none is required, within the limit.
+    pub(crate) fn resolve(self) -> Result<u64, VolumeError> {
+        if self.required_bytes < 0 {
+            return Err(invalid("capacity_range.required_bytes", "must not be negative"));
+        }
+        if self.limit_bytes < 0 {
+            return Err(invalid("capacity_range.limit_bytes", "must not be negative"));
+        }
+        let required = self.required_bytes as u64;
+        let limit = self.limit_bytes as u64;
+        if limit != 0 && limit < required {
+            return Err(invalid(
+                "capacity_range",
+                format!("limit_bytes {limit} is below required_bytes {required}"),
+            ));
+        }
+        let size = if required == 0 {
+            let default = DEFAULT_CAPACITY;
+            if limit != 0 { default.min(limit / MIB * MIB) } else { default }
+        } else {
+            required.div_ceil(MIB) * MIB
+        }
+        .max(MIN_CAPACITY);
+        if limit != 0 && size > limit {
+            return Err(VolumeError::OutOfRange(format!(
+                "capacity_range: volumes are whole MiB and at least {MIN_CAPACITY} bytes; none fits between {required} and {limit} bytes"
+            )));
+        }
+        Ok(size)
+    }
+
+    /// Whether an existing volume of `capacity` bytes satisfies this range.
+    pub(crate) fn admits(self, capacity: u64) -> bool {
+        capacity >= self.required_bytes.max(0) as u64
+            && (self.limit_bytes <= 0 || capacity <= self.limit_bytes as u64)
+    }
+}
+
+fn align_capacity(bytes: u64, field: &'static str) -> Result<u64, VolumeError> {
+    if bytes > (1u64 << 60) {
+        return Err(invalid(field, "is larger than 1 EiB"));
+    }
+    Ok((bytes.div_ceil(MIB) * MIB).max(MIN_CAPACITY))
+}
+
+/// Parses a Kubernetes-style quantity: plain bytes, or a number with one of the suffixes
+/// Ki, Mi, Gi, Ti (powers of 1024) or k, M, G, T (powers of 1000).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let err = || format!("{:?} is not a size; use bytes or a number with Ki, Mi, Gi, Ti, k, M, G or T", s.chars().take(32).collect::<String>());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    if digits.is_empty() || digits.len() > 19 {
+        return Err(err());
+    }
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let mult: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+/// The single-node access modes sealvol serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+}
+
+impl AccessMode {
+    pub(crate) fn read_only(self) -> bool {
+        self == AccessMode::SingleNodeReaderOnly
+    }
+}
+
+/// A volume capability, validated: a mounted ext4 filesystem with one of the single-node
+/// access modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Capability {
+    pub(crate) access_mode: AccessMode,
+    pub(crate) mount_flags: MountFlags,
+}
+
+/// Parses StorageClass `mountOptions` into the flags sealvol supports.
+pub(crate) fn parse_mount_flags(options: &[String]) -> Result<MountFlags, VolumeError> {
+    let mut flags = MountFlags::default();
+    for opt in options {
+        match opt.as_str() {
+            "noatime" => flags.noatime = true,
+            "lazytime" => flags.lazytime = true,
+            "relatime" | "defaults" => {}
+            "discard" => flags.discard = true,
+            other => {
+                return Err(invalid(
+                    "volume_capability.mount.mount_flags",
+                    format!(
+                        "{:?} is not supported; accepted: noatime, lazytime, relatime, discard, defaults",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parameters_name_what_is_accepted() {
+        let ok = VolumeParams::from_parameters(&map(&[
+            ("keyMode", "none"),
+            ("wipe", "zero"),
+            ("pool", "fast"),
+            ("csi.storage.k8s.io/pvc/name", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(ok.wipe, WipeMode::Zero);
+        let e = VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("colour", "blue")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour") && e.contains("pool, fsType, keyMode, wipe"), "{e}");
+        let e = VolumeParams::from_parameters(&map(&[])).unwrap_err().to_string();
+        assert!(e.contains("not yet supported"), "{e}");
+        assert!(VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("fsType", "xfs")])).is_err());
+        assert!(VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("wipe", "shred")])).is_err());
+        assert!(VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("pool", "../x")])).is_err());
+    }
+
+    #[test]
+    fn capacity_ranges() {
+        let r = |required, limit| CapacityRange { required_bytes: required, limit_bytes: limit };
+        assert_eq!(r(0, 0).resolve().unwrap(), DEFAULT_CAPACITY);
+        assert_eq!(r(1, 0).resolve().unwrap(), MIN_CAPACITY);
+        assert_eq!(r(100 * MIB as i64 + 1, 0).resolve().unwrap(), 101 * MIB);
+        assert_eq!(r(0, 64 * MIB as i64).resolve().unwrap(), 64 * MIB);
+        assert!(matches!(r(10, 5).resolve(), Err(VolumeError::InvalidArgument { .. })));
+        assert!(matches!(r(-1, 0).resolve(), Err(VolumeError::InvalidArgument { .. })));
+        assert!(matches!(r(0, MIB as i64).resolve(), Err(VolumeError::OutOfRange(_))));
+        assert!(matches!(r(MIB as i64 + 1, MIB as i64 + 2).resolve(), Err(VolumeError::OutOfRange(_))));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1Gi").unwrap(), GIB);
+        assert_eq!(parse_size("512Mi").unwrap(), 512 * MIB);
+        assert_eq!(parse_size("2G").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "Gi", "1.5Gi", "-1", "1Pi", "1 Gi", "99999999999999999999"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("99999999Ti").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn resolved_capacity_is_within_range(required in 0i64..(1 << 40), slack in 0i64..(1 << 30)) {
+            let range = CapacityRange { required_bytes: required, limit_bytes: required + slack };
+            if let Ok(size) = range.resolve() {
+                prop_assert!(range.admits(size) || required == 0);
+                prop_assert_eq!(size % MIB, 0);
+            }
+        }
+
+        #[test]
+        fn parse_size_never_panics(s in "\\PC{0,40}") {
+            let _ = parse_size(&s);
+        }
+    }
+}
