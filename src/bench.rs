@@ -60,12 +60,21 @@ async fn lifecycle(
         .create_volume(requests::create(&name, bytes, &[("keyMode", &key_mode)]))
         .await?
         .into_inner();
-    let id = created.volume.context("CreateVolume returned no volume")?.volume_id;
+    let id = created
+        .volume
+        .context("CreateVolume returned no volume")?
+        .volume_id;
     client.node.node_stage_volume(node.stage(&id)).await?;
-    client.node.node_publish_volume(node.publish(&id, &pod)).await?;
+    client
+        .node
+        .node_publish_volume(node.publish(&id, &pod))
+        .await?;
     let ready = start.elapsed();
     let start = Instant::now();
-    client.node.node_unpublish_volume(node.unpublish(&id, &pod)).await?;
+    client
+        .node
+        .node_unpublish_volume(node.unpublish(&id, &pod))
+        .await?;
     client.node.node_unstage_volume(node.unstage(&id)).await?;
     client
         .controller
@@ -169,13 +178,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let rss = node.rss_max_kib().unwrap_or(0);
 
     println!();
-    println!("{:<28} {:>10} {:>10} {:>10} {:>10}", "phase / step", "p50 ms", "p99 ms", "max ms", "ops/s");
+    println!(
+        "{:<40} {:>9} {:>9} {:>9} {:>8}",
+        "phase / step", "p50 ms", "p99 ms", "max ms", "vols/s"
+    );
     for (label, p) in [("sequential", &seq), ("concurrent", &conc)] {
         let rate = p.ready_ms.len() as f64 / p.wall.as_secs_f64().max(1e-9);
-        for (step, v) in [("ready (create+stage+pub)", &p.ready_ms), ("teardown (unpub+unst+del)", &p.teardown_ms)] {
+        for (step, v) in [
+            ("ready (create+stage+publish)", &p.ready_ms),
+            ("teardown (unpub+unstage+delete)", &p.teardown_ms),
+        ] {
             println!(
-                "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.1}",
-                format!("{label} {step}").chars().take(28).collect::<String>(),
+                "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>8.1}",
+                format!("{label} {step}"),
                 percentile(v, 50.0),
                 percentile(v, 99.0),
                 v.last().copied().unwrap_or(0.0),

@@ -30,7 +30,13 @@ impl Steps {
     fn done(&mut self, what: &str, detail: impl AsRef<str>) {
         self.n += 1;
         let ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        println!("{:>2}. {:<34} {:>9.2} ms  {}", self.n, what, ms, detail.as_ref());
+        println!(
+            "{:>2}. {:<34} {:>9.2} ms  {}",
+            self.n,
+            what,
+            ms,
+            detail.as_ref()
+        );
     }
 }
 
@@ -40,15 +46,38 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "sealvol demo needs root: it creates loop devices and mounts"
     );
     let exe = std::env::current_exe().context("locating the sealvol binary")?;
-    let mut steps = Steps { start: Instant::now(), n: 0 };
+    let mut steps = Steps {
+        start: Instant::now(),
+        n: 0,
+    };
     let mut node = ScratchNode::new(&exe, None)?;
     let mut client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
-    steps.done("start node plugin", format!("pool {}", node.pool_dir.display()));
+    steps.done(
+        "start node plugin",
+        format!("pool {}", node.pool_dir.display()),
+    );
 
     steps.begin();
-    let info = client.identity.get_plugin_info(csi::GetPluginInfoRequest {}).await?.into_inner();
-    let ready = client.identity.probe(csi::ProbeRequest {}).await?.into_inner().ready;
-    steps.done("GetPluginInfo + Probe", format!("{} {} ready={}", info.name, info.vendor_version, ready.unwrap_or(false)));
+    let info = client
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await?
+        .into_inner();
+    let ready = client
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await?
+        .into_inner()
+        .ready;
+    steps.done(
+        "GetPluginInfo + Probe",
+        format!(
+            "{} {} ready={}",
+            info.name,
+            info.vendor_version,
+            ready.unwrap_or(false)
+        ),
+    );
 
     steps.begin();
     let bytes = args.size_mib << 20;
@@ -60,14 +89,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .volume
         .context("CreateVolume returned no volume")?;
     let id = volume.volume_id.clone();
-    steps.done("CreateVolume", format!("{id}, {} MiB, sparse file in the pool", volume.capacity_bytes >> 20));
+    steps.done(
+        "CreateVolume",
+        format!(
+            "{id}, {} MiB, sparse file in the pool",
+            volume.capacity_bytes >> 20
+        ),
+    );
 
     steps.begin();
     client.node.node_stage_volume(node.stage(&id)).await?;
-    steps.done("NodeStageVolume", "loop device (direct I/O), mkfs.ext4 -O encrypt, mount");
+    steps.done(
+        "NodeStageVolume",
+        "loop device (direct I/O), mkfs.ext4 -O encrypt, mount",
+    );
 
     steps.begin();
-    client.node.node_publish_volume(node.publish(&id, "demo-pod")).await?;
+    client
+        .node
+        .node_publish_volume(node.publish(&id, "demo-pod"))
+        .await?;
     let target = node.target_path("demo-pod", &id);
     steps.done("NodePublishVolume", format!("bind mount at {target}"));
 
@@ -90,14 +131,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .into_inner();
     let used = stats.usage.first().map(|u| u.used).unwrap_or(0);
     let abnormal = stats.volume_condition.map(|c| c.abnormal).unwrap_or(true);
-    steps.done("NodeGetVolumeStats", format!("{} KiB used, abnormal={abnormal}", used >> 10));
+    steps.done(
+        "NodeGetVolumeStats",
+        format!("{} KiB used, abnormal={abnormal}", used >> 10),
+    );
 
     steps.begin();
-    client.node.node_publish_volume(node.publish(&id, "demo-pod")).await?;
+    client
+        .node
+        .node_publish_volume(node.publish(&id, "demo-pod"))
+        .await?;
     steps.done("NodePublishVolume again (republish)", "idempotent");
 
     steps.begin();
-    client.node.node_unpublish_volume(node.unpublish(&id, "demo-pod")).await?;
+    client
+        .node
+        .node_unpublish_volume(node.unpublish(&id, "demo-pod"))
+        .await?;
     steps.done("NodeUnpublishVolume", "target unmounted and removed");
 
     steps.begin();
@@ -107,9 +157,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     steps.begin();
     client
         .controller
-        .delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), secrets: Default::default() })
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: Default::default(),
+        })
         .await?;
-    steps.done("DeleteVolume", "header erased, blocks released (punch hole), file removed");
+    steps.done(
+        "DeleteVolume",
+        "header erased, blocks released (punch hole), file removed",
+    );
 
     let (loops, mounts, files) = (node.loop_devices(), node.mounts(), node.pool_files());
     println!(
@@ -118,7 +174,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         mounts.len(),
         files.len()
     );
-    ensure!(loops.is_empty() && mounts.is_empty() && files.is_empty(), "the demo leaked: {loops:?} {mounts:?} {files:?}");
-    println!("keyMode none: encryption with the pod's own identity arrives with the key issue (#4).");
+    ensure!(
+        loops.is_empty() && mounts.is_empty() && files.is_empty(),
+        "the demo leaked: {loops:?} {mounts:?} {files:?}"
+    );
+    println!(
+        "keyMode none: encryption with the pod's own identity arrives with the key issue (#4)."
+    );
     Ok(())
 }

@@ -100,12 +100,15 @@ impl ScratchNode {
             .arg(format!("--kubelet-dir={}", self.kubelet_dir.display()))
             .args(&self.extra_args)
             .env_remove("SEALVOL_CRASH_AT")
+            .env_remove("SEALVOL_PAUSE_AT")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
         let _ = std::fs::remove_file(&self.socket);
-        let child = cmd.spawn().map_err(io(format!("starting {}", self.binary.display())))?;
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", self.binary.display())))?;
         self.child = Some(child);
         let timeout = Duration::from_secs(30);
         let deadline = Instant::now() + timeout;
@@ -116,10 +119,10 @@ impl ScratchNode {
                     log: std::fs::read_to_string(&self.log_file).unwrap_or_default(),
                 });
             }
-            if self.socket.exists() {
-                if let Ok(client) = CsiClient::connect(&self.socket).await {
-                    return Ok(client);
-                }
+            if self.socket.exists()
+                && let Ok(client) = CsiClient::connect(&self.socket).await
+            {
+                return Ok(client);
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::Timeout(timeout));
@@ -134,7 +137,9 @@ impl ScratchNode {
 
     /// The child's exit status if it has exited (e.g. at a crash point).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Kills the node plugin as `kill -9` would, leaving its mounts and loop devices.
@@ -208,10 +213,11 @@ impl ScratchNode {
         if let Ok(loops) = sys::attached_loops() {
             for l in loops {
                 let backing = l.backing_file.trim_end_matches(" (deleted)").to_string();
-                if backing.starts_with(&format!("{root}/")) {
-                    if let Ok(Some(dev)) = LoopDevice::open_existing(l.number, Path::new(&l.backing_file)) {
-                        let _ = dev.detach();
-                    }
+                if backing.starts_with(&format!("{root}/"))
+                    && let Ok(Some(dev)) =
+                        LoopDevice::open_existing(l.number, Path::new(&l.backing_file))
+                {
+                    let _ = dev.detach();
                 }
             }
         }

@@ -10,7 +10,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "sealvol", version, about = "Identity-gated, encrypted, ephemeral local storage for Kubernetes")]
+#[command(
+    name = "sealvol",
+    version,
+    about = "Identity-gated, encrypted, ephemeral local storage for Kubernetes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,7 +83,10 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process still stops on SIGKILL; serve on.
         std::future::pending::<()>().await;
         return;

@@ -74,6 +74,7 @@ pub async fn run_node(
         return Err(StartError::DriverName(cfg.driver_name));
     }
     let tools = Tools::locate()?;
+    let online_expansion = crate::sys::can_resize_online();
     let specs = cfg
         .pools
         .iter()
@@ -90,23 +91,32 @@ pub async fn run_node(
     };
     let state_dir = dir("--state-dir", &cfg.state_dir)?;
     let kubelet_dir = dir("--kubelet-dir", &cfg.kubelet_dir)?;
-    let pools = tokio::task::block_in_place(|| Pools::open(&specs, &state_dir, &tools, cfg.take_over_disks))?;
+    let pools = tokio::task::block_in_place(|| {
+        Pools::open(&specs, &state_dir, &tools, cfg.take_over_disks)
+    })?;
     let manager = Arc::new(Manager::new(
         NodeSettings {
             node_id: cfg.node_id.clone(),
             state_dir,
             kubelet_dir,
+            online_expansion,
         },
         pools,
         tools,
     ));
     let report = tokio::task::block_in_place(|| manager.recover())?;
+    if !online_expansion {
+        tracing::warn!(
+            "CAP_SYS_RESOURCE is missing: ext4 cannot grow while mounted, so volumes expand offline (advertised as OFFLINE expansion)"
+        );
+    }
     tracing::info!(?report, "recovery done");
     csi::serve(
         manager,
         PluginInfo {
             driver_name: cfg.driver_name,
             max_volumes: cfg.max_volumes,
+            online_expansion,
         },
         &cfg.endpoint,
         shutdown,

@@ -29,3 +29,9 @@ pub(crate) fn ensure_data_dir(root: &Path) -> Result<PathBuf, SysError> {
 pub(crate) fn grow(tools: &Tools, device: &Path) -> Result<(), SysError> {
     tools.resize2fs(device)
 }
+
+/// Grows the unmounted ext4 filesystem on `device`: resize2fs insists on a full check first.
+pub(crate) fn grow_offline(tools: &Tools, device: &Path) -> Result<(), SysError> {
+    tools.fsck(device)?;
+    tools.resize2fs(device)
+}

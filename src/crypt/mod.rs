@@ -5,4 +5,4 @@
 
 mod ext4;
 
-pub(crate) use ext4::{DATA_DIR, ensure_data_dir, format, grow};
+pub(crate) use ext4::{DATA_DIR, ensure_data_dir, format, grow, grow_offline};

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{parse, run_blocking};
+use super::{log_id, parse, run_blocking};
 use crate::proto::csi::v1 as csi;
-use crate::volume::{CreateRequest, Manager, VolumeError, VolumeParams, VolumeSummary, volume_context};
+use crate::volume::{
+    CreateRequest, Manager, VolumeError, VolumeParams, VolumeSummary, volume_context,
+};
 
 use csi::controller_service_capability::{Rpc, Type, rpc};
 
@@ -33,8 +35,7 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        let name = req.name.chars().take(256).collect::<String>();
-        run_blocking("CreateVolume", &name, move || {
+        run_blocking("CreateVolume", String::new(), move || {
             if req.volume_content_source.is_some() {
                 return Err(VolumeError::InvalidArgument {
                     field: "volume_content_source",
@@ -69,8 +70,7 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        let shown = req.volume_id.chars().take(80).collect::<String>();
-        run_blocking("DeleteVolume", &shown, move || {
+        run_blocking("DeleteVolume", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
             manager.delete_volume(&id)?;
             Ok(csi::DeleteVolumeResponse {})
@@ -85,34 +85,40 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        let shown = req.volume_id.chars().take(80).collect::<String>();
-        run_blocking("ValidateVolumeCapabilities", &shown, move || {
-            let id = parse::volume_id(&req.volume_id)?;
-            if req.volume_capabilities.is_empty() {
-                return Err(VolumeError::InvalidArgument {
-                    field: "volume_capabilities",
-                    message: "at least one capability is required".into(),
-                });
-            }
-            manager.validate(&id)?;
-            // An unsupported capability is not an error here: the answer is "not confirmed".
-            let response = match parse::capabilities(&req.volume_capabilities, "volume_capabilities") {
-                Ok(_) => csi::ValidateVolumeCapabilitiesResponse {
-                    confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
-                        volume_context: req.volume_context,
-                        volume_capabilities: req.volume_capabilities,
-                        parameters: req.parameters,
-                        mutable_parameters: Default::default(),
-                    }),
-                    message: String::new(),
-                },
-                Err(e) => csi::ValidateVolumeCapabilitiesResponse {
-                    confirmed: None,
-                    message: e.to_string(),
-                },
-            };
-            Ok(response)
-        })
+        run_blocking(
+            "ValidateVolumeCapabilities",
+            log_id(&req.volume_id),
+            move || {
+                let id = parse::volume_id(&req.volume_id)?;
+                if req.volume_capabilities.is_empty() {
+                    return Err(VolumeError::InvalidArgument {
+                        field: "volume_capabilities",
+                        message: "at least one capability is required".into(),
+                    });
+                }
+                manager.validate(&id)?;
+                // An unsupported capability is not an error here: the answer is "not confirmed".
+                let response =
+                    match parse::capabilities(&req.volume_capabilities, "volume_capabilities") {
+                        Ok(_) => csi::ValidateVolumeCapabilitiesResponse {
+                            confirmed: Some(
+                                csi::validate_volume_capabilities_response::Confirmed {
+                                    volume_context: req.volume_context,
+                                    volume_capabilities: req.volume_capabilities,
+                                    parameters: req.parameters,
+                                    mutable_parameters: Default::default(),
+                                },
+                            ),
+                            message: String::new(),
+                        },
+                        Err(e) => csi::ValidateVolumeCapabilitiesResponse {
+                            confirmed: None,
+                            message: e.to_string(),
+                        },
+                    };
+                Ok(response)
+            },
+        )
         .await
         .map(Response::new)
     }
@@ -123,7 +129,7 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("ListVolumes", "", move || {
+        run_blocking("ListVolumes", String::new(), move || {
             let (volumes, next) = manager.list_volumes(&req.starting_token, req.max_entries)?;
             Ok(csi::ListVolumesResponse {
                 entries: volumes
@@ -146,14 +152,16 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("GetCapacity", "", move || {
+        run_blocking("GetCapacity", String::new(), move || {
             if !req.volume_capabilities.is_empty() {
                 parse::capabilities(&req.volume_capabilities, "volume_capabilities")?;
             }
             // Capacity depends only on the pool; the other parameters are checked at create.
             let pool = req.parameters.get("pool").cloned();
             let elsewhere = req.accessible_topology.as_ref().is_some_and(|t| {
-                t.segments.get(crate::volume::TOPOLOGY_KEY).map(String::as_str)
+                t.segments
+                    .get(crate::volume::TOPOLOGY_KEY)
+                    .map(String::as_str)
                     != Some(manager.node_id())
             });
             if elsewhere {
@@ -197,19 +205,22 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        let shown = req.volume_id.chars().take(80).collect::<String>();
-        run_blocking("ControllerExpandVolume", &shown, move || {
-            let id = parse::volume_id(&req.volume_id)?;
-            if req.volume_capability.is_some() {
-                parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
-            }
-            let capacity =
-                manager.controller_expand(&id, parse::capacity_range(req.capacity_range.as_ref()))?;
-            Ok(csi::ControllerExpandVolumeResponse {
-                capacity_bytes: capacity as i64,
-                node_expansion_required: true,
-            })
-        })
+        run_blocking(
+            "ControllerExpandVolume",
+            log_id(&req.volume_id),
+            move || {
+                let id = parse::volume_id(&req.volume_id)?;
+                if req.volume_capability.is_some() {
+                    parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
+                }
+                let capacity = manager
+                    .controller_expand(&id, parse::capacity_range(req.capacity_range.as_ref()))?;
+                Ok(csi::ControllerExpandVolumeResponse {
+                    capacity_bytes: capacity as i64,
+                    node_expansion_required: true,
+                })
+            },
+        )
         .await
         .map(Response::new)
     }

@@ -44,7 +44,11 @@ impl csi::identity_server::Identity for IdentityService {
                 service_cap(service::Type::VolumeAccessibilityConstraints),
                 csi::PluginCapability {
                     r#type: Some(Type::VolumeExpansion(VolumeExpansion {
-                        r#type: volume_expansion::Type::Online as i32,
+                        r#type: if self.info.online_expansion {
+                            volume_expansion::Type::Online as i32
+                        } else {
+                            volume_expansion::Type::Offline as i32
+                        },
                     })),
                 },
             ],

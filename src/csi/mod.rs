@@ -17,13 +17,24 @@ use tonic::Status;
 
 use crate::volume::VolumeError;
 
+/// The volume id as it may be logged: only once it is known to be well-formed (an unchecked
+/// id is caller text and may carry anything).
+pub(crate) fn log_id(raw: &str) -> String {
+    match crate::volume::VolumeId::parse(raw) {
+        Ok(id) => id.to_string(),
+        Err(_) if raw.is_empty() => String::new(),
+        Err(_) => "(malformed)".to_string(),
+    }
+}
+
 /// Runs one blocking domain call off the async runtime and logs its outcome and latency in
 /// one line. The request itself is never logged.
 pub(crate) async fn run_blocking<T: Send + 'static>(
     method: &'static str,
-    volume_id: &str,
+    volume_id: String,
     call: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
 ) -> Result<T, Status> {
+    let volume_id = volume_id.as_str();
     let start = Instant::now();
     let result = match tokio::task::spawn_blocking(call).await {
         Ok(r) => r.map_err(status::to_status),

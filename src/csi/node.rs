@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{PluginInfo, parse, run_blocking};
+use super::{PluginInfo, log_id, parse, run_blocking};
 use crate::proto::csi::v1 as csi;
 use crate::volume::{Manager, PublishRequest, VolumeError, VolumeParams};
 
@@ -15,10 +15,6 @@ pub(super) struct NodeService {
     pub(super) info: PluginInfo,
 }
 
-fn shown(id: &str) -> String {
-    id.chars().take(80).collect()
-}
-
 #[tonic::async_trait]
 impl csi::node_server::Node for NodeService {
     async fn node_stage_volume(
@@ -27,7 +23,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("NodeStageVolume", &shown(&req.volume_id), move || {
+        run_blocking("NodeStageVolume", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
             let cap = parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
             manager.stage(&id, &req.staging_target_path, &cap)?;
@@ -43,7 +39,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("NodeUnstageVolume", &shown(&req.volume_id), move || {
+        run_blocking("NodeUnstageVolume", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
             manager.unstage(&id, &req.staging_target_path)?;
             Ok(csi::NodeUnstageVolumeResponse {})
@@ -58,9 +54,10 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("NodePublishVolume", &shown(&req.volume_id), move || {
+        run_blocking("NodePublishVolume", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
-            let capability = parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
+            let capability =
+                parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
             let inline = if parse::is_inline(&req.volume_context) {
                 Some(VolumeParams::from_inline_attributes(&parse::to_btree(
                     &req.volume_context,
@@ -88,7 +85,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("NodeUnpublishVolume", &shown(&req.volume_id), move || {
+        run_blocking("NodeUnpublishVolume", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
             manager.unpublish(&id, &req.target_path)?;
             Ok(csi::NodeUnpublishVolumeResponse {})
@@ -103,7 +100,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("NodeGetVolumeStats", &shown(&req.volume_id), move || {
+        run_blocking("NodeGetVolumeStats", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
             if req.volume_path.is_empty() {
                 return Err(VolumeError::InvalidArgument {
@@ -135,7 +132,9 @@ impl csi::node_server::Node for NodeService {
                 usage,
                 volume_condition: Some(csi::VolumeCondition {
                     abnormal: stats.abnormal.is_some(),
-                    message: stats.abnormal.unwrap_or_else(|| "volume is mounted and healthy".into()),
+                    message: stats
+                        .abnormal
+                        .unwrap_or_else(|| "volume is mounted and healthy".into()),
                 }),
             })
         })
@@ -149,7 +148,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
-        run_blocking("NodeExpandVolume", &shown(&req.volume_id), move || {
+        run_blocking("NodeExpandVolume", log_id(&req.volume_id), move || {
             let id = parse::volume_id(&req.volume_id)?;
             if req.volume_path.is_empty() {
                 return Err(VolumeError::InvalidArgument {

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 
 use crate::proto::csi::v1 as csi;
 use crate::volume::{
-    AccessMode, CapacityRange, Capability, TOPOLOGY_KEY, VolumeError, VolumeId, check_fs_type,
+    AccessMode, Capability, CapacityRange, TOPOLOGY_KEY, VolumeError, VolumeId, check_fs_type,
     parse_mount_flags,
 };
 
-use csi::volume_capability::access_mode::Mode;
 use csi::volume_capability::AccessType;
+use csi::volume_capability::access_mode::Mode;
 
 /// The kubelet key that marks a CSI inline ephemeral volume in `volume_context`.
 pub(super) const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
@@ -160,7 +160,10 @@ mod tests {
     #[test]
     fn block_multi_node_and_other_fs_are_refused_with_reasons() {
         let e = capability(
-            Some(&cap(Mode::SingleNodeWriter, AccessType::Block(Default::default()))),
+            Some(&cap(
+                Mode::SingleNodeWriter,
+                AccessType::Block(Default::default()),
+            )),
             "volume_capability",
         )
         .unwrap_err()
@@ -169,7 +172,10 @@ mod tests {
         let e = capability(Some(&cap(Mode::MultiNodeMultiWriter, mount(""))), "c")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("MULTI_NODE_MULTI_WRITER") && e.contains("one node"), "{e}");
+        assert!(
+            e.contains("MULTI_NODE_MULTI_WRITER") && e.contains("one node"),
+            "{e}"
+        );
         assert!(capability(Some(&cap(Mode::SingleNodeWriter, mount("xfs"))), "c").is_err());
         assert!(capability(None, "c").is_err());
         assert!(capabilities(&[], "c").is_err());

@@ -59,8 +59,16 @@ mod tests {
         let publish = csi::NodePublishVolumeRequest {
             volume_id: "sv-1".into(),
             target_path: "/var/lib/kubelet/pods/p/vol".into(),
-            secrets: [("csi.storage.k8s.io/serviceAccount.tokens".to_string(), tokens.clone())].into(),
-            volume_context: [("csi.storage.k8s.io/serviceAccount.tokens".to_string(), tokens.clone())].into(),
+            secrets: [(
+                "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
+                tokens.clone(),
+            )]
+            .into(),
+            volume_context: [(
+                "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
+                tokens.clone(),
+            )]
+            .into(),
             ..Default::default()
         };
         let stage = csi::NodeStageVolumeRequest {
@@ -90,8 +98,14 @@ mod tests {
             format!("{create:?}"),
             format!("{response:?}"),
         ] {
-            assert!(!printed.contains("secret-token-payload"), "leaked: {printed}");
-            assert!(printed.contains("sv-1") || printed.contains("pvc-1"), "{printed}");
+            assert!(
+                !printed.contains("secret-token-payload"),
+                "leaked: {printed}"
+            );
+            assert!(
+                printed.contains("sv-1") || printed.contains("pvc-1"),
+                "{printed}"
+            );
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::volume::Manager;
 pub(crate) struct PluginInfo {
     pub(crate) driver_name: String,
     pub(crate) max_volumes: i64,
+    /// Whether expansion works while a volume is published (see volume::NodeSettings).
+    pub(crate) online_expansion: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

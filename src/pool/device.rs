@@ -26,6 +26,9 @@ pub(super) fn open_disk(
         device: device.to_path_buf(),
         reason,
     };
+    // Operators name disks by stable links (/dev/disk/by-id/...); mountinfo names the node.
+    let canonical = device.canonicalize().map_err(|e| err(e.to_string()))?;
+    let device = canonical.as_path();
     let meta = std::fs::metadata(device).map_err(|e| err(e.to_string()))?;
     if !meta.file_type().is_block_device() {
         return Err(err("not a block device".into()));
@@ -33,7 +36,10 @@ pub(super) fn open_disk(
     let pool_root = state_dir.join("pools").join(pool);
     let device_str = device.to_string_lossy().into_owned();
     let table = sys::MountTable::read()?;
-    if let Some(existing) = table.of_source(&device_str).find(|m| m.root == Path::new("/")) {
+    if let Some(existing) = table
+        .of_source(&device_str)
+        .find(|m| m.root == Path::new("/"))
+    {
         // Mounted before this start (the driver restarted): keep it if it is ours.
         if existing.mount_point.parent() == Some(pool_root.as_path()) {
             let dir = existing.mount_point.clone();
@@ -71,7 +77,15 @@ pub(super) fn open_disk(
     .ok_or_else(|| err("no sealvol ext4 filesystem after formatting".into()))?;
     let dir = pool_root.join(&uuid);
     std::fs::create_dir_all(&dir).map_err(|e| SysError::io("mkdir", &dir, e))?;
-    sys::mount_fs(device, &dir, "ext4", MountFlags { discard: true, ..MountFlags::default() })?;
+    sys::mount_fs(
+        device,
+        &dir,
+        "ext4",
+        MountFlags {
+            discard: true,
+            ..MountFlags::default()
+        },
+    )?;
     check_marker(pool, &dir).map_err(err)?;
     tracing::info!(pool, device = %device.display(), dir = %dir.display(), "disk mounted");
     Ok(Disk {

@@ -44,7 +44,11 @@ impl FromStr for PoolSpec {
         }
         let absolute = |p: &str| -> Result<PathBuf, PoolError> {
             let path = PathBuf::from(p);
-            if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+            if !path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
                 return Err(err("paths must be absolute and must not contain '..'"));
             }
             Ok(path)
@@ -76,7 +80,8 @@ pub(crate) fn valid_pool_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 32
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -160,8 +165,7 @@ impl Disk {
             let path = self.dir.join(&name);
             match std::fs::metadata(&path) {
                 Ok(meta) => {
-                    promised_unallocated +=
-                        meta.len().saturating_sub(sys::allocated_bytes(&meta));
+                    promised_unallocated += meta.len().saturating_sub(sys::allocated_bytes(&meta));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(SysError::io("stat", path, e)),
@@ -310,14 +314,14 @@ impl Pools {
         let table = sys::MountTable::read()?;
         for (pool, disk) in self.disks() {
             sys::statvfs(&disk.dir)?;
-            if let Some(device) = &disk.device {
-                if table.at(&disk.dir).is_none() {
-                    return Err(PoolError::Disk {
-                        pool: pool.name.clone(),
-                        device: device.clone(),
-                        reason: format!("no longer mounted at {}", disk.dir.display()),
-                    });
-                }
+            if let Some(device) = &disk.device
+                && table.at(&disk.dir).is_none()
+            {
+                return Err(PoolError::Disk {
+                    pool: pool.name.clone(),
+                    device: device.clone(),
+                    reason: format!("no longer mounted at {}", disk.dir.display()),
+                });
             }
         }
         Ok(())
@@ -352,7 +356,9 @@ mod tests {
             }
         );
         assert_eq!(
-            "nvme=device:/dev/nvme0n1,/dev/nvme1n1".parse::<PoolSpec>().unwrap(),
+            "nvme=device:/dev/nvme0n1,/dev/nvme1n1"
+                .parse::<PoolSpec>()
+                .unwrap(),
             PoolSpec::Devices {
                 name: "nvme".into(),
                 devices: vec!["/dev/nvme0n1".into(), "/dev/nvme1n1".into()]

@@ -14,6 +14,7 @@ const SEARCH_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 pub(crate) struct Tools {
     mkfs_ext4: PathBuf,
     resize2fs: PathBuf,
+    e2fsck: PathBuf,
     blkid: PathBuf,
     wipefs: PathBuf,
 }
@@ -40,6 +41,7 @@ impl Tools {
         Ok(Tools {
             mkfs_ext4: locate("mkfs.ext4")?,
             resize2fs: locate("resize2fs")?,
+            e2fsck: locate("e2fsck")?,
             blkid: locate("blkid")?,
             wipefs: locate("wipefs")?,
         })
@@ -67,6 +69,20 @@ impl Tools {
     /// Grows the (mounted) ext4 filesystem on `device` to the size of the device.
     pub(crate) fn resize2fs(&self, device: &Path) -> Result<(), SysError> {
         run(Command::new(&self.resize2fs).arg(device)).map(|_| ())
+    }
+
+    /// Checks an unmounted ext4 filesystem and repairs what is safe to repair without asking
+    /// (`e2fsck -f -p`); exit status 1 means "errors corrected" and is success.
+    pub(crate) fn fsck(&self, device: &Path) -> Result<(), SysError> {
+        let mut cmd = Command::new(&self.e2fsck);
+        cmd.args(["-f", "-p"]).arg(device);
+        let out = cmd
+            .output()
+            .map_err(|e| SysError::io("run", &self.e2fsck, e))?;
+        match out.status.code() {
+            Some(0) | Some(1) => Ok(()),
+            _ => Err(command_error(&cmd, &out)),
+        }
     }
 
     /// Erases every filesystem and partition-table signature on `device`.

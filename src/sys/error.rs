@@ -20,7 +20,9 @@ pub enum SysError {
     },
     #[error("required program {0} not found in /usr/sbin, /sbin, /usr/bin or /bin")]
     MissingProgram(&'static str),
-    #[error("no free loop device after {attempts} attempts (LOOP_CONFIGURE kept racing with other users)")]
+    #[error(
+        "no free loop device after {attempts} attempts (LOOP_CONFIGURE kept racing with other users)"
+    )]
     NoFreeLoop { attempts: u32 },
     #[error("/proc/self/mountinfo line {line} is malformed")]
     Mountinfo { line: usize },

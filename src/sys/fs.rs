@@ -65,7 +65,11 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SysError> {
 /// Overwrites with zeros every allocated range of `file` at or after `from`, and syncs it.
 /// Holes are skipped: they hold nothing to wipe, and writing them would allocate the whole
 /// volume.
-pub(crate) fn zero_allocated_ranges(file: &mut File, path: &Path, from: u64) -> Result<(), SysError> {
+pub(crate) fn zero_allocated_ranges(
+    file: &mut File,
+    path: &Path,
+    from: u64,
+) -> Result<(), SysError> {
     const CHUNK: usize = 1 << 20;
     let zeros = vec![0u8; CHUNK];
     let size = file
@@ -74,7 +78,8 @@ pub(crate) fn zero_allocated_ranges(file: &mut File, path: &Path, from: u64) -> 
         .len();
     let mut pos = from;
     while pos < size {
-        let data = match nix::unistd::lseek(file.as_fd(), pos as i64, nix::unistd::Whence::SeekData) {
+        let data = match nix::unistd::lseek(file.as_fd(), pos as i64, nix::unistd::Whence::SeekData)
+        {
             Ok(p) => p as u64,
             Err(Errno::ENXIO) => break,
             Err(e) => return Err(SysError::errno("seek data", path, e)),

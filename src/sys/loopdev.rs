@@ -104,9 +104,8 @@ impl LoopDevice {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument; the fd is an open loop-control.
             let number = retry_eintr(|| unsafe { loop_ctl_get_free(control.as_raw_fd()) })
                 .map_err(|e| SysError::errno("LOOP_CTL_GET_FREE", LOOP_CONTROL, e))?;
-            let number = u32::try_from(number).map_err(|_| {
-                SysError::errno("LOOP_CTL_GET_FREE", LOOP_CONTROL, Errno::ERANGE)
-            })?;
+            let number = u32::try_from(number)
+                .map_err(|_| SysError::errno("LOOP_CTL_GET_FREE", LOOP_CONTROL, Errno::ERANGE))?;
             let path = device_path(number);
             ensure_device_node(number)?;
             let device = match OpenOptions::new().read(true).write(true).open(&path) {
@@ -249,7 +248,13 @@ fn read_attached(number: u32) -> Result<Option<AttachedLoop>, SysError> {
     let dir = PathBuf::from(format!("/sys/block/loop{number}/loop"));
     let backing = match std::fs::read_to_string(dir.join("backing_file")) {
         Ok(s) => s.trim_end_matches('\n').to_string(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // ENODEV/ENXIO: the device is being torn down right now, which is "not attached".
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENXIO)) =>
+        {
+            return Ok(None);
+        }
         Err(e) => return Err(SysError::io("read", dir.join("backing_file"), e)),
     };
     Ok(Some(AttachedLoop {

@@ -20,6 +20,20 @@ pub(crate) use loopdev::{AttachedLoop, LoopDevice, attached_loops, find_loop_for
 pub(crate) use mount::{MountFlags, bind_mount, mount_fs, remount_bind_readonly, unmount};
 pub(crate) use mountinfo::{MountEntry, MountTable};
 
+/// Whether this process holds CAP_SYS_RESOURCE, which ext4 requires to grow a mounted
+/// filesystem (EXT4_IOC_RESIZE_FS). Sandboxes and unprivileged containers drop it.
+pub(crate) fn can_resize_online() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
 /// Retries a syscall while it fails with EINTR.
 pub(crate) fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
     loop {

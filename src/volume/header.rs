@@ -60,10 +60,10 @@ pub(crate) fn read<R: Read + Seek>(r: &mut R) -> Result<(VolumeRecord, u64), Hea
             }
             return Err(e.into());
         }
-        if let Some((record, generation)) = decode_slot(&buf) {
-            if best.as_ref().is_none_or(|(_, g)| generation > *g) {
-                best = Some((record, generation));
-            }
+        if let Some((record, generation)) = decode_slot(&buf)
+            && best.as_ref().is_none_or(|(_, g)| generation > *g)
+        {
+            best = Some((record, generation));
         }
     }
     best.ok_or(HeaderError::NoValidSlot)
@@ -168,7 +168,10 @@ mod tests {
         let mut r = record(1);
         r.name = "x".repeat(SLOT_BYTES);
         let mut f = Cursor::new(vec![0u8; 3 * SLOT_BYTES]);
-        assert!(matches!(write(&mut f, &r, 0), Err(HeaderError::TooLarge(_))));
+        assert!(matches!(
+            write(&mut f, &r, 0),
+            Err(HeaderError::TooLarge(_))
+        ));
     }
 
     proptest! {

@@ -28,9 +28,10 @@ impl VolumeId {
         if ok(OWN_PREFIX, OWN_HEX) || ok(INLINE_PREFIX, INLINE_HEX) {
             Ok(VolumeId(raw.to_string()))
         } else {
-            let shown: String = raw.chars().take(80).collect();
+            // The value is not echoed: it is unchecked caller text.
             Err(format!(
-                "{shown:?} is not a sealvol volume id (expected \"sv-\" and 32 lowercase hex digits, or kubelet's \"csi-\" and 64)"
+                "a {}-byte value that is not a sealvol volume id (expected \"sv-\" and 32 lowercase hex digits, or kubelet's \"csi-\" and 64)",
+                raw.len()
             ))
         }
     }

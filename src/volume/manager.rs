@@ -13,14 +13,15 @@ use super::header::{self, HEADER_BYTES, VolumeRecord};
 use super::id::VolumeId;
 use super::lock::{VolumeGuard, VolumeLocks};
 use super::params::{
-    AccessMode, CapacityRange, Capability, KeyMode, Lifecycle, MIN_CAPACITY, VolumeParams,
-    WipeMode,
+    AccessMode, Capability, CapacityRange, KeyMode, Lifecycle, MIN_CAPACITY, VolumeParams, WipeMode,
 };
 use super::paths::check_under;
 use super::{VolumeError, crash};
 use crate::crypt;
 use crate::pool::{Disk, Pools, VolumeFile};
-use crate::sys::{self, AttachedLoop, FsUsage, LoopDevice, MountFlags, MountTable, SysError, Tools};
+use crate::sys::{
+    self, AttachedLoop, FsUsage, LoopDevice, MountFlags, MountTable, SysError, Tools,
+};
 
 /// The topology segment key that pins a volume to the node whose disk holds it.
 pub(crate) const TOPOLOGY_KEY: &str = "topology.sealvol.io/node";
@@ -35,6 +36,9 @@ pub(crate) struct NodeSettings {
     pub(crate) state_dir: PathBuf,
     /// Canonical; every target and staging path must be below it.
     pub(crate) kubelet_dir: PathBuf,
+    /// Whether ext4 can be grown while mounted (CAP_SYS_RESOURCE); without it a volume is grown
+    /// while staged but not published, by a brief unmount.
+    pub(crate) online_expansion: bool,
 }
 
 /// A validated CreateVolume.
@@ -307,23 +311,26 @@ impl Manager {
         let after = if starting_token.is_empty() {
             None
         } else {
-            Some(
-                VolumeId::parse(starting_token)
-                    .map_err(|_| VolumeError::BadStartingToken(starting_token.chars().take(80).collect()))?,
-            )
+            Some(VolumeId::parse(starting_token).map_err(|_| {
+                VolumeError::BadStartingToken(starting_token.chars().take(80).collect())
+            })?)
         };
         let mut ids = Vec::new();
         for (_, disk) in self.pools.disks() {
             for raw in disk.volume_ids()? {
-                if let Ok(id) = VolumeId::parse(&raw) {
-                    if after.as_ref().is_none_or(|a| &id > a) {
-                        ids.push(id);
-                    }
+                if let Ok(id) = VolumeId::parse(&raw)
+                    && after.as_ref().is_none_or(|a| &id > a)
+                {
+                    ids.push(id);
                 }
             }
         }
         ids.sort();
-        let limit = if max_entries == 0 { usize::MAX } else { max_entries as usize };
+        let limit = if max_entries == 0 {
+            usize::MAX
+        } else {
+            max_entries as usize
+        };
         let mut out = Vec::new();
         let mut next = None;
         for id in ids {
@@ -382,6 +389,8 @@ impl Manager {
         let attached = sys::find_loop_for(&vol.file.path)?;
         if let Some(m) = table.at(at) {
             if attached.as_ref().is_some_and(|l| is_fs_mount_of(m, l)) {
+                // A crash may have come between the mount and the data directory.
+                crypt::ensure_data_dir(at)?;
                 tracing::debug!(volume.id = %vol.id, "already staged");
                 return Ok(());
             }
@@ -391,14 +400,14 @@ impl Manager {
                 m.source
             )));
         }
-        if let Some(l) = &attached {
-            if let Some(other) = table.entries().iter().find(|m| is_fs_mount_of(m, l)) {
-                return Err(VolumeError::FailedPrecondition(format!(
-                    "volume {} is already staged at {}",
-                    vol.id,
-                    other.mount_point.display()
-                )));
-            }
+        if let Some(l) = &attached
+            && let Some(other) = table.entries().iter().find(|m| is_fs_mount_of(m, l))
+        {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {} is already staged at {}",
+                vol.id,
+                other.mount_point.display()
+            )));
         }
         let device = match attached {
             Some(l) => LoopDevice::open_existing(l.number, &vol.file.path)?,
@@ -478,7 +487,12 @@ impl Manager {
             .staging
             .as_deref()
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| invalid("staging_target_path", "is required: sealvol stages volumes before publishing them"))?;
+            .ok_or_else(|| {
+                invalid(
+                    "staging_target_path",
+                    "is required: sealvol stages volumes before publishing them",
+                )
+            })?;
         let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
         let _guard = self.lock(&req.id)?;
         let vol = self.load(&req.id)?.ok_or_else(|| not_found(&req.id))?;
@@ -514,13 +528,18 @@ impl Manager {
             None => (self.create_inline(&req.id, params, size)?, true),
         };
         let staging = self.inline_staging(&vol.id);
-        let result = self.stage_at(&mut vol, &staging, req.capability.mount_flags).and_then(|()| {
-            let table = MountTable::read()?;
-            let device = sys::find_loop_for(&vol.file.path)?.ok_or_else(|| {
-                VolumeError::FailedPrecondition(format!("volume {} lost its loop device", vol.id))
-            })?;
-            self.bind_at(&vol, &device, &table, &staging, target, req)
-        });
+        let result = self
+            .stage_at(&mut vol, &staging, req.capability.mount_flags)
+            .and_then(|()| {
+                let table = MountTable::read()?;
+                let device = sys::find_loop_for(&vol.file.path)?.ok_or_else(|| {
+                    VolumeError::FailedPrecondition(format!(
+                        "volume {} lost its loop device",
+                        vol.id
+                    ))
+                })?;
+                self.bind_at(&vol, &device, &table, &staging, target, req)
+            });
         if let Err(e) = result {
             if created {
                 // A refused first publish leaves nothing behind.
@@ -601,23 +620,21 @@ impl Manager {
                 m.source
             )));
         }
-        if req.capability.access_mode == AccessMode::SingleNodeSingleWriter {
-            if let Some(other) = publications(table, device).next() {
-                return Err(VolumeError::FailedPrecondition(format!(
-                    "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
-                    vol.id,
-                    other.mount_point.display()
-                )));
-            }
+        if req.capability.access_mode == AccessMode::SingleNodeSingleWriter
+            && let Some(other) = publications(table, device).next()
+        {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                vol.id,
+                other.mount_point.display()
+            )));
         }
         std::fs::create_dir_all(target).map_err(io_err("mkdir", target))?;
         sys::bind_mount(&staging.join(crypt::DATA_DIR), target)?;
         crash::point("publish.bound");
-        if read_only {
-            if let Err(e) = sys::remount_bind_readonly(target) {
-                let _ = sys::unmount(target, false);
-                return Err(e.into());
-            }
+        if read_only && let Err(e) = sys::remount_bind_readonly(target) {
+            let _ = sys::unmount(target, false);
+            return Err(e.into());
         }
         tracing::info!(volume.id = %vol.id, target.path = %target.display(), read_only, "volume published");
         Ok(())
@@ -652,7 +669,9 @@ impl Manager {
         match std::fs::remove_dir(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(target.path = %target.display(), error = %e, "could not remove the target directory"),
+            Err(e) => {
+                tracing::warn!(target.path = %target.display(), error = %e, "could not remove the target directory")
+            }
         }
         if let Some(vol) = vol.filter(|v| v.record.lifecycle == Lifecycle::Ephemeral) {
             let table = MountTable::read()?;
@@ -704,7 +723,11 @@ impl Manager {
             }
             Some(m) => Ok(VolumeStats {
                 usage: None,
-                abnormal: Some(format!("{} holds another mount ({})", path.display(), m.source)),
+                abnormal: Some(format!(
+                    "{} holds another mount ({})",
+                    path.display(),
+                    m.source
+                )),
             }),
             None => Ok(VolumeStats {
                 usage: None,
@@ -713,7 +736,9 @@ impl Manager {
         }
     }
 
-    /// Grows the file if the controller has not yet, then the loop device and ext4, online.
+    /// Grows the file if the controller has not yet, then the loop device and ext4: online
+    /// when the driver may (CAP_SYS_RESOURCE), otherwise offline, which needs the volume
+    /// staged and not published (what the OFFLINE expansion capability promises kubelet).
     pub(crate) fn node_expand(
         &self,
         id: &VolumeId,
@@ -733,19 +758,44 @@ impl Manager {
             .ok_or_else(|| {
                 VolumeError::NotFound(format!("volume {id} is not mounted at {}", path.display()))
             })?;
-        if range.required_bytes > 0 {
-            let wanted = range.resolve()?;
-            self.grow_file(&mut vol, wanted)?;
+        let wanted = if range.required_bytes > 0 {
+            range.resolve()?
         } else {
-            let current = vol.record.capacity_bytes;
-            self.grow_file(&mut vol, current)?;
+            vol.record.capacity_bytes
+        };
+        let staging = table
+            .entries()
+            .iter()
+            .find(|m| is_fs_mount_of(m, &device))
+            .map(|m| m.mount_point.clone())
+            .ok_or_else(|| VolumeError::FailedPrecondition(format!("volume {id} is not staged")))?;
+        let published: Vec<String> = publications(&table, &device)
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
+        if !self.settings.online_expansion && !published.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {id} is published at {}; this node cannot grow a mounted ext4 (the driver lacks CAP_SYS_RESOURCE), so it advertises offline expansion: the filesystem grows when the volume is staged without pods",
+                published.join(", ")
+            )));
         }
-        let handle = LoopDevice::open_existing(device.number, &vol.file.path)?.ok_or_else(|| {
-            VolumeError::FailedPrecondition(format!("volume {id} lost its loop device"))
-        })?;
+        self.grow_file(&mut vol, wanted)?;
+        let handle =
+            LoopDevice::open_existing(device.number, &vol.file.path)?.ok_or_else(|| {
+                VolumeError::FailedPrecondition(format!("volume {id} lost its loop device"))
+            })?;
         handle.refresh_capacity()?;
-        crypt::grow(&self.tools, &handle.path())?;
-        tracing::info!(volume.id = %id, capacity = vol.record.capacity_bytes, "filesystem grown");
+        if self.settings.online_expansion {
+            crypt::grow(&self.tools, &handle.path())?;
+        } else {
+            // Holding the loop device open keeps it attached across the unmount.
+            sys::unmount(&staging, false)?;
+            crash::point("expand.unmounted");
+            let grown = crypt::grow_offline(&self.tools, &handle.path());
+            let mounted = sys::mount_fs(&handle.path(), &staging, "ext4", MountFlags::default());
+            grown?;
+            mounted?;
+        }
+        tracing::info!(volume.id = %id, capacity = vol.record.capacity_bytes, online = self.settings.online_expansion, "filesystem grown");
         Ok(vol.record.capacity_bytes)
     }
 
@@ -862,7 +912,9 @@ impl Manager {
                     report.removed_orphan_mounts += 1;
                 }
             }
-            if let Some(handle) = LoopDevice::open_existing(l.number, Path::new(l.backing_file.as_str()))? {
+            if let Some(handle) =
+                LoopDevice::open_existing(l.number, Path::new(l.backing_file.as_str()))?
+            {
                 handle.detach()?;
             }
             report.detached_orphan_loops += 1;
@@ -1002,7 +1054,9 @@ impl Manager {
         crash::point("delete.wiped");
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         sys::punch_hole(&file, path, 0, len)?;
+        file.sync_all().map_err(io_err("fsync", path))?;
         drop(file);
+        crash::point("delete.released");
         std::fs::remove_file(path).map_err(io_err("remove", path))?;
         if let Some(dir) = path.parent() {
             sys::fsync_dir(dir)?;
@@ -1032,8 +1086,7 @@ fn is_fs_mount_of(m: &sys::MountEntry, l: &AttachedLoop) -> bool {
 
 /// Whether `m` is a bind mount of the data directory of the volume on loop device `l`.
 fn is_data_mount_of(m: &sys::MountEntry, l: &AttachedLoop) -> bool {
-    m.source == l.device_path().to_string_lossy()
-        && m.root == Path::new("/").join(crypt::DATA_DIR)
+    m.source == l.device_path().to_string_lossy() && m.root == Path::new("/").join(crypt::DATA_DIR)
 }
 
 /// The target-path publications of the volume on `l`.

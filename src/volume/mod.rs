@@ -17,5 +17,5 @@ pub(crate) use manager::{
     volume_context,
 };
 pub(crate) use params::{
-    AccessMode, CapacityRange, Capability, VolumeParams, check_fs_type, parse_mount_flags,
+    AccessMode, Capability, CapacityRange, VolumeParams, check_fs_type, parse_mount_flags,
 };

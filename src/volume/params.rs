@@ -143,7 +143,9 @@ impl VolumeParams {
             Some(other) => {
                 return Err(invalid(
                     "keyMode",
-                    format!("{other:?} is not a key mode; accepted: keyvault-key, keyvault-secret, none"),
+                    format!(
+                        "{other:?} is not a key mode; accepted: keyvault-key, keyvault-secret, none"
+                    ),
                 ));
             }
         };
@@ -158,10 +160,10 @@ impl VolumeParams {
             }
         };
         let pool = map.get("pool").cloned();
-        if let Some(p) = &pool {
-            if !crate::pool::valid_pool_name(p) {
-                return Err(invalid("pool", format!("{p:?} is not a pool name")));
-            }
+        if let Some(p) = &pool
+            && !crate::pool::valid_pool_name(p)
+        {
+            return Err(invalid("pool", format!("{p:?} is not a pool name")));
         }
         Ok(VolumeParams {
             pool,
@@ -186,7 +188,10 @@ pub(crate) fn check_name(name: &str) -> Result<(), VolumeError> {
     if name.len() > MAX_NAME_BYTES {
         return Err(invalid(
             "name",
-            format!("is {} bytes; at most {MAX_NAME_BYTES} are accepted", name.len()),
+            format!(
+                "is {} bytes; at most {MAX_NAME_BYTES} are accepted",
+                name.len()
+            ),
         ));
     }
     if name.chars().any(char::is_control) {
@@ -207,10 +212,16 @@ impl CapacityRange {
     /// minimum), or the default when none is required, within the limit.
     pub(crate) fn resolve(self) -> Result<u64, VolumeError> {
         if self.required_bytes < 0 {
-            return Err(invalid("capacity_range.required_bytes", "must not be negative"));
+            return Err(invalid(
+                "capacity_range.required_bytes",
+                "must not be negative",
+            ));
         }
         if self.limit_bytes < 0 {
-            return Err(invalid("capacity_range.limit_bytes", "must not be negative"));
+            return Err(invalid(
+                "capacity_range.limit_bytes",
+                "must not be negative",
+            ));
         }
         let required = self.required_bytes as u64;
         let limit = self.limit_bytes as u64;
@@ -222,7 +233,11 @@ impl CapacityRange {
         }
         let size = if required == 0 {
             let default = DEFAULT_CAPACITY;
-            if limit != 0 { default.min(limit / MIB * MIB) } else { default }
+            if limit != 0 {
+                default.min(limit / MIB * MIB)
+            } else {
+                default
+            }
         } else {
             required.div_ceil(MIB) * MIB
         }
@@ -252,7 +267,12 @@ fn align_capacity(bytes: u64, field: &'static str) -> Result<u64, VolumeError> {
 /// Parses a Kubernetes-style quantity: plain bytes, or a number with one of the suffixes
 /// Ki, Mi, Gi, Ti (powers of 1024) or k, M, G, T (powers of 1000).
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let err = || format!("{:?} is not a size; use bytes or a number with Ki, Mi, Gi, Ti, k, M, G or T", s.chars().take(32).collect::<String>());
+    let err = || {
+        format!(
+            "{:?} is not a size; use bytes or a number with Ki, Mi, Gi, Ti, k, M, G or T",
+            s.chars().take(32).collect::<String>()
+        )
+    };
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);
     if digits.is_empty() || digits.len() > 19 {
@@ -276,6 +296,8 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 
 /// The single-node access modes sealvol serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Named as in the CSI spec, so a reader can match them to its text.
+#[allow(clippy::enum_variant_names)]
 pub(crate) enum AccessMode {
     SingleNodeWriter,
     SingleNodeReaderOnly,
@@ -326,7 +348,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -342,25 +367,51 @@ mod tests {
         let e = VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("colour", "blue")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("colour") && e.contains("pool, fsType, keyMode, wipe"), "{e}");
-        let e = VolumeParams::from_parameters(&map(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("colour") && e.contains("pool, fsType, keyMode, wipe"),
+            "{e}"
+        );
+        let e = VolumeParams::from_parameters(&map(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not yet supported"), "{e}");
-        assert!(VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("fsType", "xfs")])).is_err());
-        assert!(VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("wipe", "shred")])).is_err());
-        assert!(VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("pool", "../x")])).is_err());
+        assert!(
+            VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("fsType", "xfs")])).is_err()
+        );
+        assert!(
+            VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("wipe", "shred")])).is_err()
+        );
+        assert!(
+            VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("pool", "../x")])).is_err()
+        );
     }
 
     #[test]
     fn capacity_ranges() {
-        let r = |required, limit| CapacityRange { required_bytes: required, limit_bytes: limit };
+        let r = |required, limit| CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        };
         assert_eq!(r(0, 0).resolve().unwrap(), DEFAULT_CAPACITY);
         assert_eq!(r(1, 0).resolve().unwrap(), MIN_CAPACITY);
         assert_eq!(r(100 * MIB as i64 + 1, 0).resolve().unwrap(), 101 * MIB);
         assert_eq!(r(0, 64 * MIB as i64).resolve().unwrap(), 64 * MIB);
-        assert!(matches!(r(10, 5).resolve(), Err(VolumeError::InvalidArgument { .. })));
-        assert!(matches!(r(-1, 0).resolve(), Err(VolumeError::InvalidArgument { .. })));
-        assert!(matches!(r(0, MIB as i64).resolve(), Err(VolumeError::OutOfRange(_))));
-        assert!(matches!(r(MIB as i64 + 1, MIB as i64 + 2).resolve(), Err(VolumeError::OutOfRange(_))));
+        assert!(matches!(
+            r(10, 5).resolve(),
+            Err(VolumeError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            r(-1, 0).resolve(),
+            Err(VolumeError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            r(0, MIB as i64).resolve(),
+            Err(VolumeError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            r(MIB as i64 + 1, MIB as i64 + 2).resolve(),
+            Err(VolumeError::OutOfRange(_))
+        ));
     }
 
     #[test]
@@ -369,7 +420,15 @@ mod tests {
         assert_eq!(parse_size("512Mi").unwrap(), 512 * MIB);
         assert_eq!(parse_size("2G").unwrap(), 2_000_000_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        for bad in ["", "Gi", "1.5Gi", "-1", "1Pi", "1 Gi", "99999999999999999999"] {
+        for bad in [
+            "",
+            "Gi",
+            "1.5Gi",
+            "-1",
+            "1Pi",
+            "1 Gi",
+            "99999999999999999999",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert!(parse_size("99999999Ti").is_err());

@@ -2,7 +2,7 @@
 //! directory, also after resolving symlinks in the part that exists. A path that fails is
 //! refused before anything is created or mounted.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::VolumeError;
 
@@ -28,11 +28,14 @@ pub(crate) fn check_under(
     if !path.is_absolute() {
         return Err(invalid(format!("{raw:?} is not an absolute path")));
     }
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    // Checked on the raw text: Path::components() silently drops inner "." and "//".
+    if raw[1..]
+        .split('/')
+        .any(|segment| segment.is_empty() || segment == "." || segment == "..")
     {
-        return Err(invalid(format!("{raw:?} contains '.' or '..'")));
+        return Err(invalid(format!(
+            "{raw:?} is not canonical (it has '.', '..' or an empty segment)"
+        )));
     }
     let normal: PathBuf = path.components().collect();
     if !normal.starts_with(root) || normal == root {
@@ -80,12 +83,17 @@ mod tests {
             "relative/path".into(),
             format!("{r}/../etc"),
             format!("{r}/pods/./x"),
+            format!("{r}//pods/x"),
+            format!("{r}/pods/x/"),
             "/etc/passwd".into(),
             r.to_string(),
             format!("{r}/a\0b"),
             format!("{r}/{}", "x".repeat(5000)),
         ] {
-            assert!(check_under(&bad, &root, "target_path").is_err(), "{bad:?} accepted");
+            assert!(
+                check_under(&bad, &root, "target_path").is_err(),
+                "{bad:?} accepted"
+            );
         }
         std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
         let e = check_under(&format!("{r}/link/vol"), &root, "target_path").unwrap_err();
