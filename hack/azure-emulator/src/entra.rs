@@ -226,7 +226,9 @@ async fn token(
     let sub = claims["sub"].as_str().unwrap_or_default().to_string();
     let auds = audiences(&claims);
     let matching: Option<&FederatedCredential> = identity.federated_credentials.iter().find(|fc| {
-        fc.issuer == iss && fc.subject == sub && auds.iter().any(|a| fc.audiences.contains(a))
+        fc.issuer.replace("{emulator}", &shared.base_url) == iss
+            && fc.subject == sub
+            && auds.iter().any(|a| fc.audiences.contains(a))
     });
     if matching.is_none() {
         return aadsts(
@@ -315,12 +317,11 @@ async fn token(
 /// The signing keys the issuer publishes: its discovery document's `jwks_uri`, fetched over
 /// HTTPS and cached.
 async fn issuer_keys(shared: &Shared, iss: &str) -> Result<Vec<Value>, String> {
-    if let Ok(cache) = shared.jwks_cache.lock() {
-        if let Some((at, keys)) = cache.get(iss) {
-            if at.elapsed() < JWKS_TTL {
-                return Ok(keys.clone());
-            }
-        }
+    if let Ok(cache) = shared.jwks_cache.lock()
+        && let Some((at, keys)) = cache.get(iss)
+        && at.elapsed() < JWKS_TTL
+    {
+        return Ok(keys.clone());
     }
     let discovery_url = format!(
         "{}/.well-known/openid-configuration",

@@ -111,7 +111,7 @@ impl Emulator {
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| e.to_string())?;
-        let state = State::new(&options.config, &base_url, options.state_file)?;
+        let state = State::new(&options.config, options.state_file)?;
         let mut vault_listeners = Vec::new();
         let mut vault_ports = BTreeMap::new();
         for name in state.vaults.keys() {
@@ -294,10 +294,10 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
                 axum::Json(serde_json::json!({"error": {"code": "Throttled", "message": format!("injected fault: HTTP {status}")}})),
             )
                 .into_response();
-            if let Some(secs) = retry_after {
-                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                    r.headers_mut().insert("retry-after", v);
-                }
+            if let Some(secs) = retry_after
+                && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+            {
+                r.headers_mut().insert("retry-after", v);
             }
             r
         }
@@ -313,13 +313,13 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
         None => next.run(req).await,
     };
     let status = response.status().as_u16();
-    if route != "admin" {
-        if let Ok(mut c) = shared.counters.lock() {
-            *c.entry(route.clone())
-                .or_default()
-                .entry(status.to_string())
-                .or_default() += 1;
-        }
+    if route != "admin"
+        && let Ok(mut c) = shared.counters.lock()
+    {
+        *c.entry(route.clone())
+            .or_default()
+            .entry(status.to_string())
+            .or_default() += 1;
     }
     let caller = response
         .extensions()

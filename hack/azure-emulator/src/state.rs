@@ -60,29 +60,29 @@ pub struct State {
 impl State {
     /// Builds the state from `config`, or loads it from `file` when that exists (the file
     /// then wins: it holds the keys created before).
-    pub fn new(config: &Config, base_url: &str, file: Option<PathBuf>) -> Result<State, String> {
-        if let Some(path) = &file {
-            if path.exists() {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                let snap: Snapshot =
-                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-                let issuers = snap
-                    .issuer_keys
-                    .into_iter()
-                    .map(|(name, b64)| {
-                        let der = crypto::b64_decode(&b64).ok_or("bad issuer key")?;
-                        Ok((name, Arc::new(SigningKey::from_pkcs8(der)?)))
-                    })
-                    .collect::<Result<_, String>>()?;
-                return Ok(State {
-                    tenants: snap.tenants,
-                    issuers,
-                    vaults: snap.vaults,
-                    role_assignments: snap.role_assignments,
-                    file,
-                });
-            }
+    pub fn new(config: &Config, file: Option<PathBuf>) -> Result<State, String> {
+        if let Some(path) = &file
+            && path.exists()
+        {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let snap: Snapshot =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let issuers = snap
+                .issuer_keys
+                .into_iter()
+                .map(|(name, b64)| {
+                    let der = crypto::b64_decode(&b64).ok_or("bad issuer key")?;
+                    Ok((name, Arc::new(SigningKey::from_pkcs8(der)?)))
+                })
+                .collect::<Result<_, String>>()?;
+            return Ok(State {
+                tenants: snap.tenants,
+                issuers,
+                vaults: snap.vaults,
+                role_assignments: snap.role_assignments,
+                file,
+            });
         }
         let mut state = State {
             tenants: BTreeMap::new(),
@@ -91,14 +91,10 @@ impl State {
             role_assignments: config.role_assignments.clone(),
             file,
         };
+        // "{emulator}" stays in issuer URLs and is expanded when an assertion is matched, so a
+        // state file keeps working when the emulator restarts on another port.
         for t in &config.tenants {
-            let mut identities = t.identities.clone();
-            for i in &mut identities {
-                for fc in &mut i.federated_credentials {
-                    fc.issuer = fc.issuer.replace("{emulator}", base_url);
-                }
-            }
-            state.tenants.insert(t.id.clone(), identities);
+            state.tenants.insert(t.id.clone(), t.identities.clone());
         }
         for name in &config.issuers {
             state.add_issuer(name)?;
