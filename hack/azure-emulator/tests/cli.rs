@@ -18,6 +18,7 @@ impl Drop for Killed {
 fn serve_and_mint_token() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
+    let log = dir.path().join("emulator.log");
     let bin = env!("CARGO_BIN_EXE_sealvol-azure-emulator");
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/example-config.yaml");
     let mut child = Killed(
@@ -33,7 +34,7 @@ fn serve_and_mint_token() {
             ])
             .arg(&ca)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -63,4 +64,10 @@ fn serve_and_mint_token() {
     let (_, claims) = sealvol_azure_emulator::crypto::peek_jwt(token.trim()).unwrap();
     assert_eq!(claims["sub"], "system:serviceaccount:default:app");
     assert_eq!(claims["iss"], format!("{base}/issuers/cluster"));
+
+    // One line per request, naming the route; the token itself never appears.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("route=\"admin\""), "{text}");
+    let signature = token.trim().rsplit('.').next().unwrap();
+    assert!(!text.contains(signature), "a token reached the log");
 }
