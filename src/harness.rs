@@ -319,3 +319,50 @@ pub mod requests {
         }
     }
 }
+
+/// What an encrypted volume's tests look at in the kernel and in kubelet's requests.
+pub mod keys {
+    use std::path::Path;
+
+    use crate::proto::csi::v1 as csi;
+
+    /// Whether the fscrypt key `identifier` (hex) is in the filesystem mounted at `fs_root`
+    /// (FS_IOC_GET_ENCRYPTION_KEY_STATUS).
+    pub fn key_present(fs_root: &Path, identifier: &str) -> Result<bool, String> {
+        crate::crypt::key_present(fs_root, identifier).map_err(|e| e.to_string())
+    }
+
+    /// Puts the pod's service-account token where kubelet puts it: `secrets` (Kubernetes 1.35+
+    /// with serviceAccountTokenInSecrets) or `volume_context`; and the pod's name, namespace and
+    /// service account into `volume_context`, as podInfoOnMount does.
+    pub fn with_pod_token(
+        req: &mut csi::NodePublishVolumeRequest,
+        token: &str,
+        audience: &str,
+        namespace: &str,
+        service_account: &str,
+        in_secrets: bool,
+    ) {
+        let tokens = serde_json::json!({audience: {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}}).to_string();
+        let key = crate::identity::TOKENS_KEY.to_string();
+        if in_secrets {
+            req.secrets.insert(key, tokens);
+        } else {
+            req.volume_context.insert(key, tokens);
+        }
+        for (k, v) in [
+            (
+                "csi.storage.k8s.io/pod.name",
+                format!("pod-{service_account}"),
+            ),
+            ("csi.storage.k8s.io/pod.namespace", namespace.to_string()),
+            ("csi.storage.k8s.io/pod.uid", "0b0e2a4c-uid".to_string()),
+            (
+                "csi.storage.k8s.io/serviceAccount.name",
+                service_account.to_string(),
+            ),
+        ] {
+            req.volume_context.insert(k.to_string(), v);
+        }
+    }
+}

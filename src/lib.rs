@@ -6,6 +6,8 @@
 
 mod crypt;
 mod csi;
+mod identity;
+mod keys;
 mod node;
 mod pool;
 mod sys;

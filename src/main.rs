@@ -66,6 +66,22 @@ struct NodeArgs {
     /// Format pool disks that carry an unknown filesystem or partition table.
     #[arg(long)]
     take_over_disks: bool,
+    /// Audience of the service-account token kubelet passes (CSIDriver tokenRequests).
+    #[arg(long, default_value = "api://AzureADTokenExchange")]
+    token_audience: String,
+    /// Entra ID authority host.
+    #[arg(long, default_value = "https://login.microsoftonline.com")]
+    authority_host: String,
+    /// Extra trust root (PEM) for Entra ID and Key Vault.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Tenant for volumes whose parameters name none (usually AZURE_TENANT_ID).
+    #[arg(long, env = "AZURE_TENANT_ID")]
+    tenant_id: Option<String>,
+    /// Require Key Vault's auth challenge to name a vault.azure.net resource (turn off only
+    /// against an emulator).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keyvault_verify_challenge: bool,
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
@@ -118,6 +134,11 @@ fn main() -> anyhow::Result<()> {
                 driver_name: a.driver_name,
                 max_volumes: a.max_volumes,
                 take_over_disks: a.take_over_disks,
+                token_audience: a.token_audience,
+                authority_host: a.authority_host,
+                ca_file: a.ca_file,
+                tenant_id: a.tenant_id,
+                keyvault_verify_challenge: a.keyvault_verify_challenge,
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
             Ok(())

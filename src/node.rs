@@ -4,10 +4,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
+
 use crate::csi::{self, PluginInfo, ServeError};
+use crate::identity::Entra;
+use crate::keys::KeyVault;
 use crate::pool::{PoolError, PoolSpec, Pools};
 use crate::sys::{SysError, Tools};
-use crate::volume::{Manager, NodeSettings, VolumeError};
+use crate::volume::{KeyRelease, Manager, NodeSettings, VolumeError};
 
 /// Everything `sealvol node` needs, as parsed from its flags.
 #[derive(Debug, Clone)]
@@ -21,6 +27,17 @@ pub struct NodeConfig {
     pub driver_name: String,
     pub max_volumes: i64,
     pub take_over_disks: bool,
+    /// The audience of the service-account token kubelet passes (CSIDriver tokenRequests).
+    pub token_audience: String,
+    /// Entra ID's authority host (the public cloud by default).
+    pub authority_host: String,
+    /// An extra PEM trust root for Entra ID and Key Vault (the emulator's CA in tests).
+    pub ca_file: Option<PathBuf>,
+    /// The tenant used when a volume names none.
+    pub tenant_id: Option<String>,
+    /// Check that Key Vault's auth challenge names a *.vault.azure.net (or HSM) resource;
+    /// off only against an emulator.
+    pub keyvault_verify_challenge: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +59,10 @@ pub enum StartError {
     Tools(#[from] SysError),
     #[error("recovery: {0}")]
     Recovery(String),
+    #[error("--ca-file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("HTTP client: {0}")]
+    Http(String),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -62,6 +83,37 @@ fn valid_driver_name(name: &str) -> bool {
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
 }
 
+/// HTTP options for Entra ID and Key Vault: the system's trust roots plus `ca_file`, bounded
+/// retries (429 and 5xx are retried with backoff for a few seconds, well within a CSI call's
+/// deadline, then the call fails UNAVAILABLE and kubelet retries it).
+fn azure_client_options(ca_file: Option<&std::path::Path>) -> Result<ClientOptions, StartError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15));
+    if let Some(path) = ca_file {
+        let err = |reason: String| StartError::CaFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    let http = builder
+        .build()
+        .map_err(|e| StartError::Http(e.to_string()))?;
+    Ok(ClientOptions {
+        transport: Some(Transport::new(Arc::new(http))),
+        retry: RetryOptions::exponential(ExponentialRetryOptions {
+            initial_delay: azure_core::time::Duration::milliseconds(200),
+            max_retries: 3,
+            max_total_elapsed: azure_core::time::Duration::seconds(8),
+            max_delay: azure_core::time::Duration::seconds(2),
+        }),
+        ..ClientOptions::default()
+    })
+}
+
 /// Runs the node plugin until `shutdown` resolves.
 pub async fn run_node(
     cfg: NodeConfig,
@@ -73,6 +125,8 @@ pub async fn run_node(
     if !valid_driver_name(&cfg.driver_name) {
         return Err(StartError::DriverName(cfg.driver_name));
     }
+    // No core dumps, no ptrace by others: keys pass through this process's memory.
+    crate::sys::forbid_core_dumps()?;
     let tools = Tools::locate()?;
     let online_expansion = crate::sys::can_resize_online();
     let specs = cfg
@@ -94,15 +148,24 @@ pub async fn run_node(
     let pools = tokio::task::block_in_place(|| {
         Pools::open(&specs, &state_dir, &tools, cfg.take_over_disks)
     })?;
+    let azure = azure_client_options(cfg.ca_file.as_deref())?;
+    let release = KeyRelease {
+        entra: Entra::new(&cfg.authority_host, azure.clone()),
+        vault: KeyVault::new(azure, cfg.keyvault_verify_challenge),
+        default_tenant: cfg.tenant_id.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
     let manager = Arc::new(Manager::new(
         NodeSettings {
             node_id: cfg.node_id.clone(),
             state_dir,
             kubelet_dir,
             online_expansion,
+            token_audience: cfg.token_audience.clone(),
         },
         pools,
         tools,
+        release,
     ));
     let report = tokio::task::block_in_place(|| manager.recover())?;
     if !online_expansion {

@@ -217,7 +217,7 @@ async fn capacity_ranges_parameters_and_capabilities() {
     );
     let s = refused(c.controller.create_volume(params_case(&[])).await);
     assert!(
-        s.message().contains("keyMode") && s.message().contains("not yet supported"),
+        s.message().contains("keyVaultURL") && s.message().contains("keyvault-key"),
         "{}",
         s.message()
     );

@@ -100,7 +100,7 @@ async fn bad_inline_attributes_and_refusals_leave_nothing() {
         let s = refused(c.node.node_publish_volume(req).await);
         assert_eq!(s.code(), Code::InvalidArgument, "{attrs:?}");
         assert!(
-            s.message().starts_with("volume_context") || s.message().starts_with("keyMode"),
+            s.message().starts_with("volume_context") || s.message().starts_with("keyVaultURL"),
             "{}",
             s.message()
         );

@@ -1,8 +1,9 @@
-//! The data path of a volume: the filesystem on its loop device and the directory the pod
-//! sees. Today that is plain ext4 created with the `encrypt` feature, so that an fscrypt v2
-//! policy can be set on `data/` when the key path lands; a dm-crypt backend for block volumes
-//! would be a sibling of `ext4`.
+//! The data path of a volume: ext4 on its loop device, created with the `encrypt` feature, and
+//! fscrypt v2 on its `data/` directory, which is what pods see. A dm-crypt backend for block
+//! volumes would be a sibling of these modules.
 
 mod ext4;
+mod fscrypt;
 
 pub(crate) use ext4::{DATA_DIR, ensure_data_dir, format, grow, grow_offline};
+pub(crate) use fscrypt::{CryptError, evict, key_present, unlock};

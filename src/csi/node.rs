@@ -5,8 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{PluginInfo, log_id, parse, run_blocking};
+use crate::identity::PodToken;
 use crate::proto::csi::v1 as csi;
-use crate::volume::{Manager, PublishRequest, VolumeError, VolumeParams};
+use crate::volume::{Manager, PodAuth, PublishRequest, VolumeError, VolumeParams};
 
 use csi::node_service_capability::{Rpc, Type, rpc};
 
@@ -65,6 +66,17 @@ impl csi::node_server::Node for NodeService {
             } else {
                 None
             };
+            let context = |key: &str| req.volume_context.get(key).cloned().unwrap_or_default();
+            let auth = PodAuth {
+                token: PodToken::from_request(
+                    &req.secrets,
+                    &req.volume_context,
+                    manager.token_audience(),
+                )
+                .map_err(|e| e.to_string()),
+                pod_name: context("csi.storage.k8s.io/pod.name"),
+                pod_namespace: context("csi.storage.k8s.io/pod.namespace"),
+            };
             manager.publish(&PublishRequest {
                 id,
                 target: req.target_path,
@@ -72,6 +84,7 @@ impl csi::node_server::Node for NodeService {
                 read_only: req.readonly,
                 capability,
                 inline,
+                auth,
             })?;
             Ok(csi::NodePublishVolumeResponse {})
         })

@@ -18,7 +18,11 @@ pub(crate) fn to_status(e: VolumeError) -> Status {
         VolumeError::OutOfRange(_) => Code::OutOfRange,
         // The CSI spec asks for ABORTED on a starting_token the plugin cannot use.
         VolumeError::BadStartingToken(_) => Code::Aborted,
-        VolumeError::Header { .. } => Code::DataLoss,
+        VolumeError::Header { .. } | VolumeError::Corrupt(_) => Code::DataLoss,
+        VolumeError::Unauthenticated(_) => Code::Unauthenticated,
+        VolumeError::PermissionDenied(_) => Code::PermissionDenied,
+        VolumeError::Unavailable(_) => Code::Unavailable,
+        VolumeError::Internal(_) => Code::Internal,
         VolumeError::Pool(p) => match p {
             PoolError::Unknown { .. } => Code::InvalidArgument,
             PoolError::Disk { .. } | PoolError::Dir { .. } => Code::Unavailable,

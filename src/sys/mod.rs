@@ -7,6 +7,7 @@
 mod cmd;
 mod error;
 mod fs;
+mod fscrypt;
 mod loopdev;
 mod mount;
 mod mountinfo;
@@ -15,6 +16,10 @@ pub(crate) use cmd::{BlkidProbe, Tools};
 pub(crate) use error::SysError;
 pub(crate) use fs::{
     FsUsage, allocated_bytes, fsync_dir, punch_hole, statvfs, zero_allocated_ranges,
+};
+pub(crate) use fscrypt::{
+    KEY_IDENTIFIER_SIZE, KeyStatus, Removal, add_key, forbid_core_dumps, key_status,
+    lock_in_memory, policy_identifier, remove_key, set_policy, unlock_memory,
 };
 pub(crate) use loopdev::{AttachedLoop, LoopDevice, attached_loops, find_loop_for};
 pub(crate) use mount::{MountFlags, bind_mount, mount_fs, remount_bind_readonly, unmount};

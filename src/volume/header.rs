@@ -12,6 +12,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use serde::{Deserialize, Serialize};
 
 use super::params::{KeyMode, Lifecycle, WipeMode};
+use crate::keys::KmsRecord;
 
 /// Bytes before the filesystem starts; the loop device maps the file from this offset.
 pub(crate) const HEADER_BYTES: u64 = 1 << 20;
@@ -36,6 +37,9 @@ pub(crate) struct VolumeRecord {
     /// Set once mkfs has completed; a volume is mounted only after this is durable, so a
     /// volume without it never held data and may be formatted again.
     pub(crate) formatted: bool,
+    /// The KEK's whereabouts and, after the first publish, the wrapped DEK.
+    #[serde(default)]
+    pub(crate) kms: Option<KmsRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +140,7 @@ mod tests {
             wipe: WipeMode::Discard,
             created_unix: 1,
             formatted: false,
+            kms: None,
         }
     }
 

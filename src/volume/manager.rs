@@ -16,6 +16,7 @@ use super::params::{
     AccessMode, Capability, CapacityRange, KeyMode, Lifecycle, MIN_CAPACITY, VolumeParams, WipeMode,
 };
 use super::paths::check_under;
+use super::release::{self, KeyRelease, PodAuth};
 use super::{VolumeError, crash};
 use crate::crypt;
 use crate::pool::{Disk, Pools, VolumeFile};
@@ -39,6 +40,8 @@ pub(crate) struct NodeSettings {
     /// Whether ext4 can be grown while mounted (CAP_SYS_RESOURCE); without it a volume is grown
     /// while staged but not published, by a brief unmount.
     pub(crate) online_expansion: bool,
+    /// The audience of the pod tokens kubelet passes.
+    pub(crate) token_audience: String,
 }
 
 /// A validated CreateVolume.
@@ -71,6 +74,8 @@ pub(crate) struct PublishRequest {
     pub(crate) capability: Capability,
     /// Set for a CSI inline ephemeral volume: its parameters and size.
     pub(crate) inline: Option<(VolumeParams, u64)>,
+    /// The publishing pod's token and name, for an encrypted volume's key release.
+    pub(crate) auth: PodAuth,
 }
 
 /// GetCapacity's answer.
@@ -113,6 +118,7 @@ pub(crate) struct Manager {
     locks: VolumeLocks,
     /// Serialises placement, so two creates cannot both count the same free space.
     placement: Mutex<()>,
+    release: KeyRelease,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -134,18 +140,28 @@ fn now_unix() -> u64 {
 }
 
 impl Manager {
-    pub(crate) fn new(settings: NodeSettings, pools: Pools, tools: Tools) -> Manager {
+    pub(crate) fn new(
+        settings: NodeSettings,
+        pools: Pools,
+        tools: Tools,
+        release: KeyRelease,
+    ) -> Manager {
         Manager {
             settings,
             pools,
             tools,
             locks: VolumeLocks::default(),
             placement: Mutex::new(()),
+            release,
         }
     }
 
     pub(crate) fn node_id(&self) -> &str {
         &self.settings.node_id
+    }
+
+    pub(crate) fn token_audience(&self) -> &str {
+        &self.settings.token_audience
     }
 
     fn lock(&self, id: &VolumeId) -> Result<VolumeGuard, VolumeError> {
@@ -201,6 +217,7 @@ impl Manager {
             wipe: req.params.wipe,
             created_unix: now_unix(),
             formatted: false,
+            kms: req.params.kms.clone(),
         };
         self.create_file(disk, &record)?;
         tracing::info!(volume.id = %id, volume.name = %req.name, pool = %pool.name, capacity, "volume created");
@@ -220,6 +237,7 @@ impl Manager {
             || !pool_matches
             || r.key_mode != req.params.key_mode
             || r.wipe != req.params.wipe
+            || !same_kek(r.kms.as_ref(), req.params.kms.as_ref())
         {
             return Err(VolumeError::AlreadyExists(format!(
                 "volume {:?} exists as {} with {} bytes in pool {}, keyMode {}, wipe {}: not compatible with this request",
@@ -469,6 +487,8 @@ impl Manager {
                 published.join(", ")
             )));
         }
+        // Normally gone with the last publication; after a crash it may still be there.
+        release::evict(&vol.id, &vol.record, at)?;
         sys::unmount(at, false)?;
         crash::point("unstage.unmounted");
         self.release_loop(vol)?;
@@ -495,7 +515,7 @@ impl Manager {
             })?;
         let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
         let _guard = self.lock(&req.id)?;
-        let vol = self.load(&req.id)?.ok_or_else(|| not_found(&req.id))?;
+        let mut vol = self.load(&req.id)?.ok_or_else(|| not_found(&req.id))?;
         let table = MountTable::read()?;
         let staged = sys::find_loop_for(&vol.file.path)?
             .filter(|l| table.at(&staging).is_some_and(|m| is_fs_mount_of(m, l)));
@@ -506,7 +526,51 @@ impl Manager {
                 staging.display()
             )));
         };
-        self.bind_at(&vol, &device, &table, &staging, &target, req)
+        self.publish_staged(&mut vol, &device, &staging, &target, req)
+    }
+
+    /// The common end of a publish: an encrypted volume's key is released to this pod (or, on
+    /// a republish of the same target, the pod's token is confirmed), then the bind mount.
+    fn publish_staged(
+        &self,
+        vol: &mut Volume,
+        device: &AttachedLoop,
+        staging: &Path,
+        target: &Path,
+        req: &PublishRequest,
+    ) -> Result<(), VolumeError> {
+        let table = MountTable::read()?;
+        let republish = table
+            .at(target)
+            .is_some_and(|m| is_data_mount_of(m, device));
+        if vol.record.key_mode != KeyMode::None {
+            if republish {
+                self.release.confirm(&vol.id, &vol.record, &req.auth)?;
+            } else {
+                let before = vol.record.clone();
+                let (id, file, generation) =
+                    (vol.id.clone(), vol.file.path.clone(), vol.generation);
+                let mut generation_after = generation;
+                self.release
+                    .unlock(&id, &mut vol.record, staging, &req.auth, |record| {
+                        generation_after = write_header(&id, &file, record, generation)?;
+                        Ok(())
+                    })?;
+                vol.generation = generation_after;
+                if vol.record != before {
+                    self.save(vol)?;
+                }
+            }
+        }
+        let bound = self.bind_at(vol, device, &table, staging, target, req);
+        if bound.is_err() && vol.record.key_mode != KeyMode::None && !republish {
+            // Nothing is published: the key goes again.
+            let table = MountTable::read()?;
+            if publications(&table, device).next().is_none() {
+                release::evict(&vol.id, &vol.record, staging)?;
+            }
+        }
+        bound
     }
 
     fn publish_inline(
@@ -531,14 +595,13 @@ impl Manager {
         let result = self
             .stage_at(&mut vol, &staging, req.capability.mount_flags)
             .and_then(|()| {
-                let table = MountTable::read()?;
                 let device = sys::find_loop_for(&vol.file.path)?.ok_or_else(|| {
                     VolumeError::FailedPrecondition(format!(
                         "volume {} lost its loop device",
                         vol.id
                     ))
                 })?;
-                self.bind_at(&vol, &device, &table, &staging, target, req)
+                self.publish_staged(&mut vol, &device, &staging, target, req)
             });
         if let Err(e) = result {
             if created {
@@ -577,6 +640,7 @@ impl Manager {
             wipe: params.wipe,
             created_unix: now_unix(),
             formatted: false,
+            kms: params.kms.clone(),
         };
         self.create_file(disk, &record)?;
         crash::point("inline.created");
@@ -673,14 +737,27 @@ impl Manager {
                 tracing::warn!(target.path = %target.display(), error = %e, "could not remove the target directory")
             }
         }
-        if let Some(vol) = vol.filter(|v| v.record.lifecycle == Lifecycle::Ephemeral) {
-            let table = MountTable::read()?;
-            let still_published = sys::find_loop_for(&vol.file.path)?
-                .is_some_and(|l| publications(&table, &l).next().is_some());
-            if !still_published {
-                self.teardown_inline(&vol)?;
-                tracing::info!(volume.id = %id, wipe = vol.record.wipe.as_str(), "inline volume deleted and wiped");
-            }
+        let Some(vol) = vol else { return Ok(()) };
+        let table = MountTable::read()?;
+        let device = sys::find_loop_for(&vol.file.path)?;
+        let still_published = device
+            .as_ref()
+            .is_some_and(|l| publications(&table, l).next().is_some());
+        if still_published {
+            return Ok(());
+        }
+        if vol.record.lifecycle == Lifecycle::Ephemeral {
+            self.teardown_inline(&vol)?;
+            tracing::info!(volume.id = %id, wipe = vol.record.wipe.as_str(), "inline volume deleted and wiped");
+        } else if let Some(fs) = device.and_then(|l| {
+            table
+                .entries()
+                .iter()
+                .find(|m| is_fs_mount_of(m, &l))
+                .map(|m| m.mount_point.clone())
+        }) {
+            // The last publication is gone: so is the key.
+            release::evict(&vol.id, &vol.record, &fs)?;
         }
         Ok(())
     }
@@ -953,18 +1030,7 @@ impl Manager {
     }
 
     fn save(&self, vol: &mut Volume) -> Result<(), VolumeError> {
-        let path = &vol.file.path;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_err("open", path))?;
-        let header_err = |source| VolumeError::Header {
-            volume_id: vol.id.to_string(),
-            source,
-        };
-        let generation = header::write(&mut f, &vol.record, vol.generation).map_err(header_err)?;
-        f.sync_data().map_err(io_err("fsync", path))?;
-        vol.generation = generation;
+        vol.generation = write_header(&vol.id, &vol.file.path, &vol.record, vol.generation)?;
         Ok(())
     }
 
@@ -1027,7 +1093,19 @@ impl Manager {
         std::fs::rename(path, &deleting).map_err(io_err("rename", path))?;
         sys::fsync_dir(&dir)?;
         crash::point("delete.renamed");
-        self.finish_destroy(&deleting)
+        let start = std::time::Instant::now();
+        self.finish_destroy(&deleting)?;
+        if vol.record.key_mode != KeyMode::None {
+            release::audit(
+                "wipe",
+                &vol.id,
+                None,
+                vol.record.kms.as_ref(),
+                "ok",
+                start.elapsed(),
+            );
+        }
+        Ok(())
     }
 
     /// Wipes and removes a file renamed for deletion: with `wipe=zero` its allocated blocks
@@ -1062,6 +1140,43 @@ impl Manager {
             sys::fsync_dir(dir)?;
         }
         Ok(())
+    }
+}
+
+/// Writes `record` as the next header generation and syncs it; returns the new generation.
+fn write_header(
+    id: &VolumeId,
+    path: &Path,
+    record: &VolumeRecord,
+    previous: u64,
+) -> Result<u64, VolumeError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    let generation =
+        header::write(&mut f, record, previous).map_err(|source| VolumeError::Header {
+            volume_id: id.to_string(),
+            source,
+        })?;
+    f.sync_data().map_err(io_err("fsync", path))?;
+    Ok(generation)
+}
+
+/// Whether two volumes name the same KEK (the wrapped key and its identifier aside).
+fn same_kek(a: Option<&crate::keys::KmsRecord>, b: Option<&crate::keys::KmsRecord>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.vault_url == b.vault_url
+                && a.key_name == b.key_name
+                && a.key_version == b.key_version
+                && a.secret_name == b.secret_name
+                && a.algorithm == b.algorithm
+                && a.client_id == b.client_id
+                && a.tenant_id == b.tenant_id
+        }
+        _ => false,
     }
 }
 

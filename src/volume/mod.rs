@@ -9,6 +9,7 @@ mod lock;
 mod manager;
 mod params;
 mod paths;
+mod release;
 
 pub(crate) use error::VolumeError;
 pub(crate) use id::VolumeId;
@@ -19,3 +20,4 @@ pub(crate) use manager::{
 pub(crate) use params::{
     AccessMode, Capability, CapacityRange, VolumeParams, check_fs_type, parse_mount_flags,
 };
+pub(crate) use release::{KeyRelease, PodAuth};

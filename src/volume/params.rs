@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::VolumeError;
+use crate::keys::KmsRecord;
 use crate::sys::MountFlags;
 
 pub(crate) const MIB: u64 = 1 << 20;
@@ -18,7 +19,19 @@ pub(crate) const MIN_CAPACITY: u64 = 16 * MIB;
 /// Kubernetes' own limit on a CSI volume name is 128 bytes; this leaves room for other COs.
 const MAX_NAME_BYTES: usize = 256;
 
-const ACCEPTED_PARAMETERS: &[&str] = &["pool", "fsType", "keyMode", "wipe"];
+const ACCEPTED_PARAMETERS: &[&str] = &[
+    "pool",
+    "fsType",
+    "keyMode",
+    "wipe",
+    "keyVaultURL",
+    "keyName",
+    "keyVersion",
+    "keyAlgorithm",
+    "secretName",
+    "clientID",
+    "tenantID",
+];
 const INLINE_ONLY: &[&str] = &["size"];
 /// Keys that Kubernetes adds (external-provisioner's `--extra-create-metadata`, kubelet's pod
 /// info for inline volumes); accepted and ignored here.
@@ -76,6 +89,8 @@ pub(crate) struct VolumeParams {
     pub(crate) pool: Option<String>,
     pub(crate) key_mode: KeyMode,
     pub(crate) wipe: WipeMode,
+    /// Where the KEK is, for the keyvault modes.
+    pub(crate) kms: Option<KmsRecord>,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -134,12 +149,8 @@ impl VolumeParams {
         }
         let key_mode = match map.get("keyMode").map(String::as_str) {
             Some("none") => KeyMode::None,
-            None | Some("keyvault-key") | Some("keyvault-secret") => {
-                return Err(invalid(
-                    "keyMode",
-                    "keyvault-key (the default) and keyvault-secret are not yet supported by this build; set keyMode: none for an unencrypted volume",
-                ));
-            }
+            None | Some("keyvault-key") => KeyMode::KeyvaultKey,
+            Some("keyvault-secret") => KeyMode::KeyvaultSecret,
             Some(other) => {
                 return Err(invalid(
                     "keyMode",
@@ -165,12 +176,131 @@ impl VolumeParams {
         {
             return Err(invalid("pool", format!("{p:?} is not a pool name")));
         }
+        let kms = kms_record(map, key_mode)?;
         Ok(VolumeParams {
             pool,
             key_mode,
             wipe,
+            kms,
         })
     }
+}
+
+/// The KEK's whereabouts from the parameters; every missing or malformed one is named.
+fn kms_record(
+    map: &BTreeMap<String, String>,
+    mode: KeyMode,
+) -> Result<Option<KmsRecord>, VolumeError> {
+    let get = |k: &str| {
+        map.get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    if mode == KeyMode::None {
+        for k in [
+            "keyVaultURL",
+            "keyName",
+            "keyVersion",
+            "keyAlgorithm",
+            "secretName",
+            "clientID",
+            "tenantID",
+        ] {
+            if map.contains_key(k) {
+                return Err(invalid(
+                    "keyMode",
+                    format!("is none, which takes no {k}; use keyvault-key or keyvault-secret"),
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let vault_url = get("keyVaultURL").ok_or_else(|| {
+        invalid(
+            "keyVaultURL",
+            format!(
+                "is required with keyMode {} (https://NAME.vault.azure.net)",
+                mode.as_str()
+            ),
+        )
+    })?;
+    let host_ok = vault_url
+        .strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(['?', '#', ' ', '@']));
+    if !host_ok || vault_url.len() > 512 {
+        return Err(invalid(
+            "keyVaultURL",
+            "must be an https:// URL of a Key Vault or Managed HSM",
+        ));
+    }
+    let name_ok =
+        |v: &str| v.len() <= 127 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let (key_name, secret_name, algorithm) = match mode {
+        KeyMode::KeyvaultKey => {
+            if map.contains_key("secretName") {
+                return Err(invalid(
+                    "secretName",
+                    "belongs to keyMode keyvault-secret, not keyvault-key",
+                ));
+            }
+            let key = get("keyName")
+                .ok_or_else(|| invalid("keyName", "is required with keyMode keyvault-key"))?;
+            if !name_ok(&key) {
+                return Err(invalid("keyName", "must be 1-127 letters, digits and '-'"));
+            }
+            let alg = match get("keyAlgorithm").as_deref() {
+                None | Some("RSA-OAEP-256") => "RSA-OAEP-256",
+                Some("A256KW") => "A256KW",
+                Some(other) => {
+                    return Err(invalid(
+                        "keyAlgorithm",
+                        format!(
+                            "{other:?} is not accepted; use RSA-OAEP-256 (RSA keys) or A256KW (Managed HSM oct-HSM keys)"
+                        ),
+                    ));
+                }
+            };
+            (Some(key), None, alg)
+        }
+        KeyMode::KeyvaultSecret => {
+            for k in ["keyName", "keyVersion", "keyAlgorithm"] {
+                if map.contains_key(k) {
+                    return Err(invalid(
+                        "keyMode",
+                        format!("keyvault-secret takes secretName, not {k}"),
+                    ));
+                }
+            }
+            let secret = get("secretName")
+                .ok_or_else(|| invalid("secretName", "is required with keyMode keyvault-secret"))?;
+            if !name_ok(&secret) {
+                return Err(invalid(
+                    "secretName",
+                    "must be 1-127 letters, digits and '-'",
+                ));
+            }
+            (None, Some(secret), "A256GCM")
+        }
+        KeyMode::None => (None, None, ""),
+    };
+    let key_version = get("keyVersion");
+    if key_version.as_deref().is_some_and(|v| !name_ok(v)) {
+        return Err(invalid(
+            "keyVersion",
+            "must be a Key Vault key version (hex)",
+        ));
+    }
+    Ok(Some(KmsRecord {
+        vault_url: vault_url.trim_end_matches('/').to_string(),
+        key_name,
+        key_version,
+        secret_name,
+        algorithm: algorithm.to_string(),
+        client_id: get("clientID"),
+        tenant_id: get("tenantID"),
+        wrapped: None,
+        key_identifier: None,
+    }))
 }
 
 pub(crate) fn check_fs_type(fs: &str) -> Result<(), String> {
@@ -374,7 +504,47 @@ mod tests {
         let e = VolumeParams::from_parameters(&map(&[]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("not yet supported"), "{e}");
+        assert!(
+            e.starts_with("keyVaultURL") && e.contains("keyvault-key"),
+            "{e}"
+        );
+        let kv = VolumeParams::from_parameters(&map(&[
+            ("keyVaultURL", "https://kv.vault.azure.net/"),
+            ("keyName", "kek"),
+            ("clientID", "c"),
+        ]))
+        .unwrap();
+        let kms = kv.kms.unwrap();
+        assert_eq!(
+            (kms.vault_url.as_str(), kms.algorithm.as_str()),
+            ("https://kv.vault.azure.net", "RSA-OAEP-256")
+        );
+        for bad in [
+            vec![("keyVaultURL", "http://kv"), ("keyName", "k")],
+            vec![("keyVaultURL", "https://kv")],
+            vec![("keyVaultURL", "https://kv"), ("keyName", "../k")],
+            vec![
+                ("keyVaultURL", "https://kv"),
+                ("keyName", "k"),
+                ("keyAlgorithm", "RSA1_5"),
+            ],
+            vec![
+                ("keyMode", "keyvault-secret"),
+                ("keyVaultURL", "https://kv"),
+            ],
+            vec![
+                ("keyMode", "keyvault-secret"),
+                ("keyVaultURL", "https://kv"),
+                ("secretName", "s"),
+                ("keyName", "k"),
+            ],
+            vec![("keyMode", "none"), ("keyVaultURL", "https://kv")],
+        ] {
+            assert!(
+                VolumeParams::from_parameters(&map(&bad)).is_err(),
+                "{bad:?}"
+            );
+        }
         assert!(
             VolumeParams::from_parameters(&map(&[("keyMode", "none"), ("fsType", "xfs")])).is_err()
         );

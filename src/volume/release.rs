@@ -1,0 +1,232 @@
+//! Identity-gated key release, in order: the pod's token, the Entra exchange (cached), the Key
+//! Vault call that wraps or unwraps the volume's key with the pod's access token, the key into
+//! the filesystem; and the reverse, eviction. One audit line per key event (generate, wrap,
+//! unwrap, evict, wipe, denial) with who, what, result and latency; never a token or key byte.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::crypt;
+use crate::identity::{Entra, IdentityError, PodToken};
+use crate::keys::{Dek, KeyVault, KmsRecord};
+use crate::sys::Removal;
+
+use super::VolumeError;
+use super::header::VolumeRecord;
+use super::id::VolumeId;
+
+/// What the publishing pod brings: its token (or why there is none) and who it is.
+#[derive(Debug, Clone)]
+pub(crate) struct PodAuth {
+    pub(crate) token: Result<PodToken, String>,
+    pub(crate) pod_name: String,
+    pub(crate) pod_namespace: String,
+}
+
+impl PodAuth {
+    fn token(&self) -> Result<&PodToken, VolumeError> {
+        self.token
+            .as_ref()
+            .map_err(|e| VolumeError::Unauthenticated(e.clone()))
+    }
+}
+
+/// The services key release calls, and how.
+pub(crate) struct KeyRelease {
+    pub(crate) entra: Entra,
+    pub(crate) vault: KeyVault,
+    pub(crate) default_tenant: Option<String>,
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+/// The associated data that binds a keyvault-secret wrap to its volume and header format.
+fn aad(id: &VolumeId) -> Vec<u8> {
+    format!("sealvol|{id}|header-v1").into_bytes()
+}
+
+pub(crate) fn audit(
+    event: &str,
+    id: &VolumeId,
+    auth: Option<&PodAuth>,
+    kms: Option<&KmsRecord>,
+    result: &str,
+    latency: Duration,
+) {
+    let token = auth.and_then(|a| a.token.as_ref().ok());
+    tracing::info!(
+        target: "sealvol::audit",
+        event,
+        volume.id = %id,
+        pod.namespace = auth.map(|a| a.pod_namespace.as_str()).or(token.map(|t| t.namespace())).unwrap_or(""),
+        pod.name = auth.map(|a| a.pod_name.as_str()).unwrap_or(""),
+        pod.service_account = token.map(|t| t.service_account()).unwrap_or(""),
+        identity.client_id = kms.and_then(|k| k.client_id.as_deref()).unwrap_or(""),
+        vault = kms.map(|k| k.vault_url.as_str()).unwrap_or(""),
+        key = kms.map(|k| k.kek_name()).unwrap_or_default(),
+        result,
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "audit"
+    );
+}
+
+fn result_of(e: &VolumeError) -> String {
+    let code = match e {
+        VolumeError::Unauthenticated(_) => "unauthenticated",
+        VolumeError::PermissionDenied(_) => "permission_denied",
+        VolumeError::Unavailable(_) => "unavailable",
+        _ => "error",
+    };
+    code.to_string()
+}
+
+impl KeyRelease {
+    fn identity(&self, kms: &KmsRecord) -> Result<(String, String), VolumeError> {
+        let tenant = kms
+            .tenant_id
+            .clone()
+            .or_else(|| self.default_tenant.clone())
+            .ok_or(IdentityError::NoTenantId)?;
+        let client = kms.client_id.clone().ok_or(IdentityError::NoClientId)?;
+        Ok((tenant, client))
+    }
+
+    /// A republish of a volume already published at the target: the pod's token must still be
+    /// valid and exchangeable (from the cache when warm); no Key Vault call.
+    pub(crate) fn confirm(
+        &self,
+        id: &VolumeId,
+        record: &VolumeRecord,
+        auth: &PodAuth,
+    ) -> Result<(), VolumeError> {
+        let kms = record.kms.as_ref().ok_or_else(|| {
+            VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
+        })?;
+        let start = Instant::now();
+        let checked = self.identity(kms).and_then(|(tenant, client)| {
+            let token = auth.token()?;
+            self.runtime
+                .block_on(self.entra.access_token(&tenant, &client, token))
+                .map(|_| ())
+                .map_err(VolumeError::from)
+        });
+        if let Err(e) = &checked {
+            audit(
+                "denial",
+                id,
+                Some(auth),
+                Some(kms),
+                &result_of(e),
+                start.elapsed(),
+            );
+        }
+        checked
+    }
+
+    /// Gets the volume's key with the pod's identity (generating and wrapping it on the first
+    /// publish, recording the wrap in `record`), adds it to the filesystem at `fs_root` and
+    /// makes sure `data/` is encrypted under it. `save` persists `record` (before the key is
+    /// used for the first time). The plaintext key is gone when this returns.
+    pub(crate) fn unlock(
+        &self,
+        id: &VolumeId,
+        record: &mut VolumeRecord,
+        fs_root: &Path,
+        auth: &PodAuth,
+        save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
+    ) -> Result<(), VolumeError> {
+        let kms = record.kms.clone().ok_or_else(|| {
+            VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
+        })?;
+        let start = Instant::now();
+        let result = self.unlock_inner(id, record, &kms, fs_root, auth, save);
+        if let Err(e) = &result {
+            audit(
+                "denial",
+                id,
+                Some(auth),
+                Some(&kms),
+                &result_of(e),
+                start.elapsed(),
+            );
+        }
+        result
+    }
+
+    fn unlock_inner(
+        &self,
+        id: &VolumeId,
+        record: &mut VolumeRecord,
+        kms: &KmsRecord,
+        fs_root: &Path,
+        auth: &PodAuth,
+        save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
+    ) -> Result<(), VolumeError> {
+        let (tenant, client) = self.identity(kms)?;
+        let token =
+            self.runtime
+                .block_on(self.entra.access_token(&tenant, &client, auth.token()?))?;
+        let aad = aad(id);
+        let dek = match &kms.wrapped {
+            None => {
+                let start = Instant::now();
+                let dek = Dek::generate()?;
+                audit("generate", id, Some(auth), Some(kms), "ok", start.elapsed());
+                let start = Instant::now();
+                let wrapped = self
+                    .runtime
+                    .block_on(self.vault.wrap(kms, &token, &dek, &aad))?;
+                audit("wrap", id, Some(auth), Some(kms), "ok", start.elapsed());
+                if let Some(k) = record.kms.as_mut() {
+                    k.wrapped = Some(wrapped);
+                }
+                save(record)?;
+                dek
+            }
+            Some(_) => {
+                let start = Instant::now();
+                let dek = self
+                    .runtime
+                    .block_on(self.vault.unwrap(kms, &token, &aad))?;
+                audit("unwrap", id, Some(auth), Some(kms), "ok", start.elapsed());
+                dek
+            }
+        };
+        let identifier = crypt::unlock(fs_root, dek.expose(), kms.key_identifier.as_deref())?;
+        drop(dek);
+        if kms.key_identifier.is_none()
+            && let Some(k) = record.kms.as_mut()
+        {
+            k.key_identifier = Some(identifier);
+        }
+        Ok(())
+    }
+}
+
+/// Removes the volume's key from its filesystem (mounted at `fs_root`), with an audit line.
+/// A volume whose key never reached the kernel has nothing to evict.
+pub(crate) fn evict(
+    id: &VolumeId,
+    record: &VolumeRecord,
+    fs_root: &Path,
+) -> Result<(), VolumeError> {
+    let Some(kms) = record.kms.as_ref() else {
+        return Ok(());
+    };
+    let Some(identifier) = kms.key_identifier.as_deref() else {
+        return Ok(());
+    };
+    let start = Instant::now();
+    let outcome = crypt::evict(fs_root, identifier)?;
+    let result = match outcome {
+        Removal::Removed => "ok",
+        Removal::Absent => "already_absent",
+        Removal::FilesBusy => {
+            tracing::warn!(volume.id = %id, "key removed, but files still open keep it until they are closed");
+            "files_busy"
+        }
+    };
+    if outcome != Removal::Absent {
+        audit("evict", id, None, Some(kms), result, start.elapsed());
+    }
+    Ok(())
+}
