@@ -326,6 +326,11 @@ pub mod keys {
 
     use crate::proto::csi::v1 as csi;
 
+    /// The fscrypt key identifier recorded in a volume file's header.
+    pub fn recorded_identifier(volume_file: &Path) -> Option<String> {
+        crate::volume::recorded_key_identifier(volume_file)
+    }
+
     /// Whether the fscrypt key `identifier` (hex) is in the filesystem mounted at `fs_root`
     /// (FS_IOC_GET_ENCRYPTION_KEY_STATUS).
     pub fn key_present(fs_root: &Path, identifier: &str) -> Result<bool, String> {
@@ -363,6 +368,189 @@ pub mod keys {
             ),
         ] {
             req.volume_context.insert(k.to_string(), v);
+        }
+    }
+}
+
+/// The Azure emulator as a child process (`sealvol-azure-emulator serve --admin`), for the demo
+/// and the benchmark: the `sealvol` binary never links the emulator, it talks to it over HTTPS
+/// like the node plugin does, and uses its control plane to mint pod tokens and read counters.
+pub mod azure {
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+
+    use super::HarnessError;
+
+    pub struct EmulatorProcess {
+        child: Child,
+        pub base_url: String,
+        /// Vault name to URL, as the emulator printed them.
+        pub vaults: Vec<(String, String)>,
+        pub ca_file: PathBuf,
+        http: reqwest::Client,
+    }
+
+    fn other(what: impl Into<String>) -> HarnessError {
+        HarnessError::Io {
+            what: what.into(),
+            source: std::io::Error::other("failed"),
+        }
+    }
+
+    impl EmulatorProcess {
+        /// Starts the emulator found next to `sealvol` (cargo builds both into one directory)
+        /// with `config`, writing its files under `dir`.
+        pub fn start(
+            sealvol: &Path,
+            dir: &Path,
+            config: &serde_json::Value,
+        ) -> Result<EmulatorProcess, HarnessError> {
+            let binary = sealvol.with_file_name("sealvol-azure-emulator");
+            if !binary.exists() {
+                return Err(other(format!(
+                    "{} is missing: build the workspace (cargo build --workspace)",
+                    binary.display()
+                )));
+            }
+            let config_file = dir.join("emulator-config.json");
+            let ca_file = dir.join("emulator-ca.pem");
+            std::fs::write(&config_file, config.to_string()).map_err(|e| HarnessError::Io {
+                what: "writing the emulator config".into(),
+                source: e,
+            })?;
+            let log =
+                std::fs::File::create(dir.join("emulator.log")).map_err(|e| HarnessError::Io {
+                    what: "emulator log".into(),
+                    source: e,
+                })?;
+            let mut child = Command::new(&binary)
+                .args(["serve", "--admin", "--config"])
+                .arg(&config_file)
+                .arg("--ca-out")
+                .arg(&ca_file)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .map_err(|e| HarnessError::Io {
+                    what: format!("starting {}", binary.display()),
+                    source: e,
+                })?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| other("emulator stdout"))?;
+            let mut lines = BufReader::new(stdout).lines();
+            let base_url = lines
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| other("the emulator printed no address"))?;
+            let mut vaults = Vec::new();
+            let count = config["vaults"].as_array().map(Vec::len).unwrap_or(0);
+            for _ in 0..count {
+                let line = lines
+                    .next()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| other("the emulator printed no vault"))?;
+                let mut parts = line.split_whitespace().skip(1);
+                if let (Some(name), Some(url)) = (parts.next(), parts.next()) {
+                    vaults.push((name.to_string(), url.to_string()));
+                }
+            }
+            let pem = std::fs::read(&ca_file).map_err(|e| HarnessError::Io {
+                what: "emulator CA".into(),
+                source: e,
+            })?;
+            let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| other(e.to_string()))?;
+            let http = reqwest::Client::builder()
+                .tls_certs_only([ca])
+                .build()
+                .map_err(|e| other(e.to_string()))?;
+            Ok(EmulatorProcess {
+                child,
+                base_url,
+                vaults,
+                ca_file,
+                http,
+            })
+        }
+
+        pub fn vault_url(&self, name: &str) -> Option<&str> {
+            self.vaults
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, u)| u.as_str())
+        }
+
+        /// The node plugin's flags for this emulator.
+        pub fn node_args(&self, tenant: &str) -> Vec<String> {
+            vec![
+                format!("--authority-host={}", self.base_url),
+                format!("--ca-file={}", self.ca_file.display()),
+                format!("--tenant-id={tenant}"),
+                "--keyvault-verify-challenge=false".to_string(),
+            ]
+        }
+
+        /// A service-account token from fake issuer `issuer`, as kubelet receives it.
+        pub async fn mint_token(
+            &self,
+            issuer: &str,
+            namespace: &str,
+            service_account: &str,
+        ) -> Result<String, HarnessError> {
+            let body =
+                serde_json::json!({"namespace": namespace, "service_account": service_account});
+            let v: serde_json::Value = self
+                .http
+                .post(format!(
+                    "{}/_emulator/issuers/{issuer}/token",
+                    self.base_url
+                ))
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| other(e.to_string()))?
+                .json()
+                .await
+                .map_err(|e| other(e.to_string()))?;
+            v["token"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| other("no token minted"))
+        }
+
+        /// Calls per route answered with `status` (every status when None).
+        pub async fn count(&self, route: &str, status: Option<u16>) -> u64 {
+            let Ok(resp) = self
+                .http
+                .get(format!("{}/_emulator/counters", self.base_url))
+                .send()
+                .await
+            else {
+                return 0;
+            };
+            let Ok(v) = resp.json::<serde_json::Value>().await else {
+                return 0;
+            };
+            let Some(by_status) = v[route].as_object() else {
+                return 0;
+            };
+            match status {
+                Some(s) => by_status
+                    .get(&s.to_string())
+                    .and_then(|n| n.as_u64())
+                    .unwrap_or(0),
+                None => by_status.values().filter_map(|n| n.as_u64()).sum(),
+            }
+        }
+    }
+
+    impl Drop for EmulatorProcess {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

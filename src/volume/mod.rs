@@ -21,3 +21,10 @@ pub(crate) use params::{
     AccessMode, Capability, CapacityRange, VolumeParams, check_fs_type, parse_mount_flags,
 };
 pub(crate) use release::{KeyRelease, PodAuth};
+
+/// The fscrypt key identifier recorded in the header of the volume file at `path`, if any.
+pub(crate) fn recorded_key_identifier(path: &std::path::Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let (record, _) = header::read(&mut f).ok()?;
+    record.kms?.key_identifier
+}
