@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sealvol::client::CsiClient;
+use sealvol::harness::azure::EmulatorProcess;
+use sealvol::harness::keys::with_pod_token;
 use sealvol::harness::{ScratchNode, requests};
 use sealvol::proto::csi::v1 as csi;
 use tokio::sync::Semaphore;
@@ -22,17 +24,34 @@ pub struct BenchArgs {
     /// Capacity of each volume, in bytes or with Ki/Mi/Gi.
     #[arg(long, default_value = "1Gi")]
     size: String,
-    /// keyMode of the volumes (only `none` until the key issue lands).
-    #[arg(long, default_value = "none")]
+    /// keyMode of the volumes: none, keyvault-key or keyvault-secret (the last two against
+    /// an Azure emulator the benchmark starts).
+    #[arg(long, default_value = "none", value_parser = ["none", "keyvault-key", "keyvault-secret"])]
     key_mode: String,
+    /// Republishes (kubelet's requiresRepublish) of each published volume, timed.
+    #[arg(long, default_value_t = 5)]
+    republishes: usize,
     /// Directory to put the scratch pool in (default: the system temp dir).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Instead of lifecycles: fio on a plain and an encrypted volume of the same pool
+    /// (sequential 1 MiB and random 4 KiB, read and write); needs fio.
+    #[arg(long)]
+    fio: bool,
 }
 
 struct Lifecycle {
     ready: Duration,
     teardown: Duration,
+    republish: Vec<Duration>,
+}
+
+/// What every lifecycle needs: the StorageClass parameters and, for encrypted volumes, the
+/// emulator that mints each pod's token.
+struct Setup {
+    params: Vec<(String, String)>,
+    azure: Option<EmulatorProcess>,
+    republishes: usize,
 }
 
 fn parse_bytes(s: &str) -> anyhow::Result<i64> {
@@ -49,15 +68,25 @@ fn parse_bytes(s: &str) -> anyhow::Result<i64> {
 async fn lifecycle(
     mut client: CsiClient,
     node: Arc<ScratchNode>,
+    setup: Arc<Setup>,
     name: String,
     bytes: i64,
-    key_mode: String,
 ) -> anyhow::Result<Lifecycle> {
     let pod = format!("pod-{name}");
+    // Like kubelet: a token of its own for each pod, fetched before the calls.
+    let token = match &setup.azure {
+        Some(azure) => Some(azure.mint_token("cluster", "demo", "app").await?),
+        None => None,
+    };
+    let params: Vec<(&str, &str)> = setup
+        .params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let start = Instant::now();
     let created = client
         .controller
-        .create_volume(requests::create(&name, bytes, &[("keyMode", &key_mode)]))
+        .create_volume(requests::create(&name, bytes, &params))
         .await?
         .into_inner();
     let id = created
@@ -65,11 +94,25 @@ async fn lifecycle(
         .context("CreateVolume returned no volume")?
         .volume_id;
     client.node.node_stage_volume(node.stage(&id)).await?;
-    client
-        .node
-        .node_publish_volume(node.publish(&id, &pod))
-        .await?;
+    let mut publish = node.publish(&id, &pod);
+    if let Some(token) = &token {
+        with_pod_token(
+            &mut publish,
+            token,
+            "api://AzureADTokenExchange",
+            "demo",
+            "app",
+            true,
+        );
+    }
+    client.node.node_publish_volume(publish.clone()).await?;
     let ready = start.elapsed();
+    let mut republish = Vec::with_capacity(setup.republishes);
+    for _ in 0..setup.republishes {
+        let start = Instant::now();
+        client.node.node_publish_volume(publish.clone()).await?;
+        republish.push(start.elapsed());
+    }
     let start = Instant::now();
     client
         .node
@@ -86,6 +129,7 @@ async fn lifecycle(
     Ok(Lifecycle {
         ready,
         teardown: start.elapsed(),
+        republish,
     })
 }
 
@@ -100,6 +144,7 @@ fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
 struct Phase {
     ready_ms: Vec<f64>,
     teardown_ms: Vec<f64>,
+    republish_ms: Vec<f64>,
     errors: usize,
     wall: Duration,
 }
@@ -107,6 +152,7 @@ struct Phase {
 async fn phase(
     node: &Arc<ScratchNode>,
     client: &CsiClient,
+    setup: &Arc<Setup>,
     label: &str,
     args: &BenchArgs,
     concurrency: usize,
@@ -117,16 +163,17 @@ async fn phase(
     let start = Instant::now();
     for i in 0..args.volumes {
         let permit = Arc::clone(&gate);
-        let (client, node, key_mode) = (client.clone(), Arc::clone(node), args.key_mode.clone());
+        let (client, node, setup) = (client.clone(), Arc::clone(node), Arc::clone(setup));
         let name = format!("bench-{label}-{i}");
         tasks.spawn(async move {
             let _permit = permit.acquire_owned().await;
-            lifecycle(client, node, name, bytes, key_mode).await
+            lifecycle(client, node, setup, name, bytes).await
         });
     }
     let mut out = Phase {
         ready_ms: Vec::new(),
         teardown_ms: Vec::new(),
+        republish_ms: Vec::new(),
         errors: 0,
         wall: Duration::ZERO,
     };
@@ -135,6 +182,8 @@ async fn phase(
             Ok(Ok(l)) => {
                 out.ready_ms.push(l.ready.as_secs_f64() * 1000.0);
                 out.teardown_ms.push(l.teardown.as_secs_f64() * 1000.0);
+                out.republish_ms
+                    .extend(l.republish.iter().map(|d| d.as_secs_f64() * 1000.0));
             }
             Ok(Err(e)) => {
                 eprintln!("lifecycle failed: {e:#}");
@@ -149,7 +198,123 @@ async fn phase(
     out.wall = start.elapsed();
     out.ready_ms.sort_by(f64::total_cmp);
     out.teardown_ms.sort_by(f64::total_cmp);
+    out.republish_ms.sort_by(f64::total_cmp);
     out
+}
+
+/// The fio jobs: name, rw mode, block size.
+const FIO_JOBS: &[(&str, &str, &str)] = &[
+    ("seq-write 1M", "write", "1M"),
+    ("seq-read 1M", "read", "1M"),
+    ("rand-write 4k", "randwrite", "4k"),
+    ("rand-read 4k", "randread", "4k"),
+];
+
+/// Runs one fio job in `dir`; returns (MB/s, IOPS).
+fn fio(dir: &str, rw: &str, bs: &str) -> anyhow::Result<(f64, f64)> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=sealvol",
+            "--output-format=json",
+            "--ioengine=psync",
+            "--size=256M",
+            "--runtime=10",
+            "--time_based=0",
+            "--end_fsync=1",
+            "--invalidate=1",
+        ])
+        .arg(format!("--directory={dir}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .output()
+        .context("running fio (apt-get install fio)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio's JSON")?;
+    let job = &v["jobs"][0];
+    let side = if rw.contains("read") {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    Ok((
+        side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        side["iops"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+async fn fio_compare(exe: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let scratch = ScratchNode::new(exe, args.dir.as_deref())?;
+    let azure = EmulatorProcess::start(
+        exe,
+        &scratch.root,
+        &crate::demo::emulator_config(&[(crate::demo::APP_CLIENT, crate::demo::APP_OID, "app")]),
+    )?;
+    let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
+    let flags = azure.node_args(crate::demo::TENANT);
+    let mut node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
+    let token = azure.mint_token("cluster", "demo", "app").await?;
+    let encrypted = [
+        ("keyMode", "keyvault-key"),
+        ("keyVaultURL", vault.as_str()),
+        ("keyName", "kek"),
+        ("clientID", crate::demo::APP_CLIENT),
+    ];
+    let mut targets = Vec::new();
+    for (name, params) in [
+        ("plain", &[("keyMode", "none")][..]),
+        ("encrypted", &encrypted[..]),
+    ] {
+        let id = client
+            .controller
+            .create_volume(requests::create(&format!("fio-{name}"), 1 << 30, params))
+            .await?
+            .into_inner()
+            .volume
+            .context("no volume")?
+            .volume_id;
+        client.node.node_stage_volume(node.stage(&id)).await?;
+        let mut publish = node.publish(&id, name);
+        with_pod_token(
+            &mut publish,
+            &token,
+            "api://AzureADTokenExchange",
+            "demo",
+            "app",
+            true,
+        );
+        client.node.node_publish_volume(publish).await?;
+        targets.push(node.target_path(name, &id));
+    }
+    println!(
+        "fio, psync, 256 MiB per job, buffered with a final fsync (fscrypt without inline encryption does no O_DIRECT), on one loop-file pool\n"
+    );
+    println!(
+        "{:<16} {:>14} {:>14} {:>18} {:>8}",
+        "job", "plain MB/s", "encrypted MB/s", "plain/encr. IOPS", "ratio"
+    );
+    let mut rows = serde_json::Map::new();
+    for (label, rw, bs) in FIO_JOBS {
+        let (plain_bw, plain_iops) = fio(&targets[0], rw, bs)?;
+        let (enc_bw, enc_iops) = fio(&targets[1], rw, bs)?;
+        let ratio = if plain_bw > 0.0 {
+            enc_bw / plain_bw
+        } else {
+            0.0
+        };
+        println!(
+            "{label:<16} {plain_bw:>14.1} {enc_bw:>14.1} {:>18} {ratio:>8.2}",
+            format!("{plain_iops:.0}/{enc_iops:.0}")
+        );
+        rows.insert(label.to_string(), serde_json::json!({"plain_mb_s": round2(plain_bw), "encrypted_mb_s": round2(enc_bw), "ratio": round2(ratio)}));
+    }
+    println!("{}", serde_json::Value::Object(rows));
+    node.kill();
+    Ok(())
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -159,9 +324,55 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let bytes = parse_bytes(&args.size)?;
     let exe = std::env::current_exe().context("locating the sealvol binary")?;
-    let mut node = ScratchNode::new(&exe, args.dir.as_deref())?;
+    if args.fio {
+        return fio_compare(&exe, &args).await;
+    }
+    let scratch = ScratchNode::new(&exe, args.dir.as_deref())?;
+    let (mut node, setup) = if args.key_mode == "none" {
+        let params = vec![("keyMode".to_string(), "none".to_string())];
+        (
+            scratch,
+            Setup {
+                params,
+                azure: None,
+                republishes: args.republishes,
+            },
+        )
+    } else {
+        let azure = EmulatorProcess::start(
+            &exe,
+            &scratch.root,
+            &crate::demo::emulator_config(&[(
+                crate::demo::APP_CLIENT,
+                crate::demo::APP_OID,
+                "app",
+            )]),
+        )?;
+        let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
+        let mut params = vec![
+            ("keyMode".to_string(), args.key_mode.clone()),
+            ("keyVaultURL".to_string(), vault),
+            ("clientID".to_string(), crate::demo::APP_CLIENT.to_string()),
+        ];
+        if args.key_mode == "keyvault-secret" {
+            params.push(("secretName".into(), "kek-secret".into()));
+        } else {
+            params.push(("keyName".into(), "kek".into()));
+        }
+        let flags = azure.node_args(crate::demo::TENANT);
+        let node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+        (
+            node,
+            Setup {
+                params,
+                azure: Some(azure),
+                republishes: args.republishes,
+            },
+        )
+    };
     let client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
     let node = Arc::new(node);
+    let setup = Arc::new(setup);
     println!(
         "sealvol bench: {} lifecycles of {} volumes (keyMode {}), sequential then {} at once; pool in {}",
         args.volumes,
@@ -170,8 +381,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.concurrency,
         node.pool_dir.display()
     );
-    let seq = phase(&node, &client, "seq", &args, 1, bytes).await;
-    let conc = phase(&node, &client, "conc", &args, args.concurrency, bytes).await;
+    let seq = phase(&node, &client, &setup, "seq", &args, 1, bytes).await;
+    let conc = phase(
+        &node,
+        &client,
+        &setup,
+        "conc",
+        &args,
+        args.concurrency,
+        bytes,
+    )
+    .await;
+    let (entra_calls, keyvault_calls, keyvault_challenges) = match &setup.azure {
+        Some(azure) => {
+            let mut kv = 0;
+            for route in ["keyvault.wrap", "keyvault.unwrap", "keyvault.get_secret"] {
+                kv += azure.count(route, Some(200)).await;
+            }
+            let mut challenges = 0;
+            for route in ["keyvault.wrap", "keyvault.unwrap", "keyvault.get_secret"] {
+                challenges += azure.count(route, Some(401)).await;
+            }
+            (azure.count("entra.token", Some(200)).await, kv, challenges)
+        }
+        None => (0, 0, 0),
+    };
     let leaked_loops = node.loop_devices().len();
     let leaked_mounts = node.mounts().len();
     let leftover_files = node.pool_files().len();
@@ -186,6 +420,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let rate = p.ready_ms.len() as f64 / p.wall.as_secs_f64().max(1e-9);
         for (step, v) in [
             ("ready (create+stage+publish)", &p.ready_ms),
+            ("republish (warm cache)", &p.republish_ms),
             ("teardown (unpub+unstage+delete)", &p.teardown_ms),
         ] {
             println!(
@@ -197,6 +432,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rate
             );
         }
+    }
+    if setup.azure.is_some() {
+        println!(
+            "Entra ID exchanges {entra_calls} (one per pod token) | Key Vault wrap/unwrap/get calls {keyvault_calls} (one per first publish) | bearer challenges {keyvault_challenges}"
+        );
     }
     println!(
         "errors {} | leaked loop devices {} | leaked mounts {} | leftover pool files {} | node RSS max {} KiB",
@@ -219,6 +459,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "concurrent_ready_p99_ms": round2(percentile(&conc.ready_ms, 99.0)),
         "concurrent_teardown_p50_ms": round2(percentile(&conc.teardown_ms, 50.0)),
         "concurrent_teardown_p99_ms": round2(percentile(&conc.teardown_ms, 99.0)),
+        "republish_p50_ms": round2(percentile(&seq.republish_ms, 50.0)),
+        "republish_p99_ms": round2(percentile(&seq.republish_ms, 99.0)),
+        "entra_calls": entra_calls,
+        "keyvault_calls": keyvault_calls,
+        "keyvault_challenges": keyvault_challenges,
         "errors": seq.errors + conc.errors,
         "leaked_loop_devices": leaked_loops,
         "leaked_mounts": leaked_mounts,

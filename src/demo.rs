@@ -12,9 +12,9 @@ use sealvol::harness::keys::{key_present, recorded_identifier, with_pod_token};
 use sealvol::harness::{ScratchNode, requests};
 use sealvol::proto::csi::v1 as csi;
 
-const TENANT: &str = "6c3f0a52-0000-4000-8000-00000000de30";
-const APP_CLIENT: &str = "0b5e1c3a-1111-4111-8111-00000000de30";
-const APP_OID: &str = "7d2a9e4f-2222-4222-8222-00000000de30";
+pub const TENANT: &str = "6c3f0a52-0000-4000-8000-00000000de30";
+pub const APP_CLIENT: &str = "0b5e1c3a-1111-4111-8111-00000000de30";
+pub const APP_OID: &str = "7d2a9e4f-2222-4222-8222-00000000de30";
 const INTRUDER_CLIENT: &str = "0b5e1c3a-1111-4111-8111-00000000de31";
 const AUDIENCE: &str = "api://AzureADTokenExchange";
 
