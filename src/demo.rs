@@ -75,10 +75,8 @@ fn scan_allocated(path: &Path, needles: &[&[u8]]) -> anyhow::Result<(bool, u64)>
     use std::os::fd::AsFd;
     let mut f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
-    let finders: Vec<memchr::memmem::Finder> = needles
-        .iter()
-        .map(|n| memchr::memmem::Finder::new(n))
-        .collect();
+    let finders: Vec<memchr::memmem::Finder> =
+        needles.iter().map(memchr::memmem::Finder::new).collect();
     let (mut pos, mut read) = (0u64, 0u64);
     while pos < size {
         let data = match nix::unistd::lseek(f.as_fd(), pos as i64, nix::unistd::Whence::SeekData) {

@@ -82,6 +82,32 @@ struct NodeArgs {
     /// against an emulator).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     keyvault_verify_challenge: bool,
+    /// Re-authorize a published volume with Key Vault on the republish after this long
+    /// (e.g. 5m, 30s, 0 for every republish).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    reauthorize_interval: std::time::Duration,
+    /// Lock a volume whose re-authorization keeps failing for a transient reason only after
+    /// this long (0: at once).
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    revoke_grace: std::time::Duration,
+}
+
+/// "250ms", "30s", "5m", "1h", or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (250ms, 30s, 5m, 1h)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
@@ -139,6 +165,8 @@ fn main() -> anyhow::Result<()> {
                 ca_file: a.ca_file,
                 tenant_id: a.tenant_id,
                 keyvault_verify_challenge: a.keyvault_verify_challenge,
+                reauthorize_interval: a.reauthorize_interval,
+                revoke_grace: a.revoke_grace,
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
             Ok(())

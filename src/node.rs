@@ -38,6 +38,11 @@ pub struct NodeConfig {
     /// Check that Key Vault's auth challenge names a *.vault.azure.net (or HSM) resource;
     /// off only against an emulator.
     pub keyvault_verify_challenge: bool,
+    /// A republish re-authorizes with Key Vault when the publication's last authorization is
+    /// older than this (zero: every republish).
+    pub reauthorize_interval: Duration,
+    /// Transient re-authorization failures lock the volume only after lasting this long.
+    pub revoke_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +167,8 @@ pub async fn run_node(
             kubelet_dir,
             online_expansion,
             token_audience: cfg.token_audience.clone(),
+            reauthorize_interval: cfg.reauthorize_interval,
+            revoke_grace: cfg.revoke_grace,
         },
         pools,
         tools,

@@ -10,8 +10,8 @@ use crate::sys::{self, KEY_IDENTIFIER_SIZE, KeyStatus, Removal, SysError};
 use super::DATA_DIR;
 
 /// How often an eviction is retried while files are still open.
-const BUSY_RETRIES: u32 = 5;
-const BUSY_PAUSE: Duration = Duration::from_millis(40);
+const BUSY_RETRIES: u32 = 3;
+const BUSY_PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CryptError {
@@ -111,11 +111,32 @@ pub(crate) fn evict(fs_root: &Path, identifier: &str) -> Result<Removal, CryptEr
     Ok(outcome)
 }
 
-/// Whether the key is in the filesystem.
+/// The identifier the kernel derives from a v2 master key: HKDF-SHA512 with the all-zero salt,
+/// info "fscrypt\0" and context byte 1 (HKDF_CONTEXT_KEY_IDENTIFIER), 16 bytes; lets a
+/// re-authorization check an unwrapped key against the header without the kernel.
+pub(crate) fn identifier_for(key: &[u8]) -> Result<String, CryptError> {
+    use aws_lc_rs::hkdf::{HKDF_SHA512, KeyType, Salt};
+    struct Len;
+    impl KeyType for Len {
+        fn len(&self) -> usize {
+            KEY_IDENTIFIER_SIZE
+        }
+    }
+    let prk = Salt::new(HKDF_SHA512, &[0u8; 64]).extract(key);
+    let mut out = [0u8; KEY_IDENTIFIER_SIZE];
+    prk.expand(&[b"fscrypt\0\x01"], Len)
+        .and_then(|okm| okm.fill(&mut out))
+        .map_err(|_| CryptError::Mismatch("HKDF failed".into()))?;
+    Ok(to_hex(&out))
+}
+
+/// Whether the key is usable in the filesystem. A key removed while inodes were still in use
+/// (a mounted target pins the encrypted `data/` directory) is "incompletely removed": its
+/// secret is wiped, nothing new can be opened or created, and it counts as absent here.
 pub(crate) fn key_present(fs_root: &Path, identifier: &str) -> Result<bool, CryptError> {
     let id = from_hex(identifier)
         .ok_or_else(|| CryptError::Mismatch(format!("bad key identifier {identifier:?}")))?;
-    Ok(sys::key_status(fs_root, &id)? != KeyStatus::Absent)
+    Ok(sys::key_status(fs_root, &id)? == KeyStatus::Present)
 }
 
 #[cfg(test)]

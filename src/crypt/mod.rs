@@ -6,4 +6,4 @@ mod ext4;
 mod fscrypt;
 
 pub(crate) use ext4::{DATA_DIR, ensure_data_dir, format, grow, grow_offline};
-pub(crate) use fscrypt::{CryptError, evict, key_present, unlock};
+pub(crate) use fscrypt::{CryptError, evict, identifier_for, key_present, unlock};

@@ -92,6 +92,27 @@ impl Entra {
         client_id: &str,
         pod: &PodToken,
     ) -> Result<AccessToken, IdentityError> {
+        self.exchange(tenant, client_id, pod, true).await
+    }
+
+    /// A new exchange, whatever the cache holds (and the cache refreshed): re-authorization
+    /// must notice a federated credential deleted since the cached token was issued.
+    pub(crate) async fn fresh_access_token(
+        &self,
+        tenant: &str,
+        client_id: &str,
+        pod: &PodToken,
+    ) -> Result<AccessToken, IdentityError> {
+        self.exchange(tenant, client_id, pod, false).await
+    }
+
+    async fn exchange(
+        &self,
+        tenant: &str,
+        client_id: &str,
+        pod: &PodToken,
+        use_cache: bool,
+    ) -> Result<AccessToken, IdentityError> {
         pod.check_time()?;
         let key = CacheKey {
             tenant: tenant.to_string(),
@@ -101,7 +122,7 @@ impl Entra {
             token_digest: pod.digest(),
         };
         let now = OffsetDateTime::now_utc();
-        if let Some(hit) = self.lock().get(&key)
+        if let Some(hit) = self.lock().get(&key).filter(|_| use_cache)
             && hit.expires_on - EXPIRY_MARGIN > now
         {
             return Ok(hit.clone());

@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::params::{KeyMode, Lifecycle, WipeMode};
+use super::params::{KeyMode, Lifecycle, OnRevoke, WipeMode};
 use crate::keys::KmsRecord;
 
 /// Bytes before the filesystem starts; the loop device maps the file from this offset.
@@ -40,6 +40,8 @@ pub(crate) struct VolumeRecord {
     /// The KEK's whereabouts and, after the first publish, the wrapped DEK.
     #[serde(default)]
     pub(crate) kms: Option<KmsRecord>,
+    #[serde(default)]
+    pub(crate) on_revoke: OnRevoke,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,7 @@ mod tests {
             created_unix: 1,
             formatted: false,
             kms: None,
+            on_revoke: OnRevoke::Lock,
         }
     }
 

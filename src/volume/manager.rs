@@ -3,7 +3,7 @@
 //! effect, reads the state it needs from the kernel and the header (never from memory), and
 //! is idempotent: repeating a call that completed, or that was cut short by a crash, succeeds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -13,7 +13,8 @@ use super::header::{self, HEADER_BYTES, VolumeRecord};
 use super::id::VolumeId;
 use super::lock::{VolumeGuard, VolumeLocks};
 use super::params::{
-    AccessMode, Capability, CapacityRange, KeyMode, Lifecycle, MIN_CAPACITY, VolumeParams, WipeMode,
+    AccessMode, Capability, CapacityRange, KeyMode, Lifecycle, MIN_CAPACITY, OnRevoke,
+    VolumeParams, WipeMode,
 };
 use super::paths::check_under;
 use super::release::{self, KeyRelease, PodAuth};
@@ -42,6 +43,10 @@ pub(crate) struct NodeSettings {
     pub(crate) online_expansion: bool,
     /// The audience of the pod tokens kubelet passes.
     pub(crate) token_audience: String,
+    /// How old a publication's last authorization may be before a republish re-authorizes.
+    pub(crate) reauthorize_interval: Duration,
+    /// How long transient re-authorization failures are tolerated before the volume locks.
+    pub(crate) revoke_grace: Duration,
 }
 
 /// A validated CreateVolume.
@@ -119,6 +124,25 @@ pub(crate) struct Manager {
     /// Serialises placement, so two creates cannot both count the same free space.
     placement: Mutex<()>,
     release: KeyRelease,
+    /// Per publication (volume, target): when it was last authorized. Memory only: after a
+    /// restart every publication is due for re-authorization, the safe side.
+    authorizations: Mutex<HashMap<(VolumeId, PathBuf), Authorization>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Authorization {
+    last_ok: std::time::Instant,
+    /// Since when re-authorization has failed for a transient reason.
+    failing_since: Option<std::time::Instant>,
+}
+
+impl Authorization {
+    fn now() -> Authorization {
+        Authorization {
+            last_ok: std::time::Instant::now(),
+            failing_since: None,
+        }
+    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -153,6 +177,7 @@ impl Manager {
             locks: VolumeLocks::default(),
             placement: Mutex::new(()),
             release,
+            authorizations: Mutex::new(HashMap::new()),
         }
     }
 
@@ -218,6 +243,7 @@ impl Manager {
             created_unix: now_unix(),
             formatted: false,
             kms: req.params.kms.clone(),
+            on_revoke: req.params.on_revoke,
         };
         self.create_file(disk, &record)?;
         tracing::info!(volume.id = %id, volume.name = %req.name, pool = %pool.name, capacity, "volume created");
@@ -545,7 +571,7 @@ impl Manager {
             .is_some_and(|m| is_data_mount_of(m, device));
         if vol.record.key_mode != KeyMode::None {
             if republish {
-                self.release.confirm(&vol.id, &vol.record, &req.auth)?;
+                self.reauthorize_if_due(vol, staging, target, req)?;
             } else {
                 let before = vol.record.clone();
                 let (id, file, generation) =
@@ -563,6 +589,9 @@ impl Manager {
             }
         }
         let bound = self.bind_at(vol, device, &table, staging, target, req);
+        if bound.is_ok() && vol.record.key_mode != KeyMode::None && !republish {
+            self.set_authorization(&vol.id, target, Authorization::now());
+        }
         if bound.is_err() && vol.record.key_mode != KeyMode::None && !republish {
             // Nothing is published: the key goes again.
             let table = MountTable::read()?;
@@ -571,6 +600,148 @@ impl Manager {
             }
         }
         bound
+    }
+
+    /// Continuous authorization, on kubelet's periodic republish of a published target: when
+    /// the last authorization of this publication is older than `--reauthorize-interval` (or
+    /// the volume is locked), a real Key Vault call with the pod's current token decides.
+    /// Refused: the volume locks (its key leaves the kernel; with `onRevoke: lock-and-unmount`
+    /// the target is unmounted too) and the call is PERMISSION_DENIED. Transient failure: the
+    /// volume stays usable until failures have lasted `--revoke-grace`, then locks. Authorized
+    /// again: a locked volume gets its key back, data intact.
+    fn reauthorize_if_due(
+        &self,
+        vol: &Volume,
+        staging: &Path,
+        target: &Path,
+        req: &PublishRequest,
+    ) -> Result<(), VolumeError> {
+        let now = std::time::Instant::now();
+        let identifier = vol
+            .record
+            .kms
+            .as_ref()
+            .and_then(|k| k.key_identifier.clone());
+        let locked = match &identifier {
+            Some(i) => !crypt::key_present(staging, i)?,
+            None => false,
+        };
+        let previous = self.authorization(&vol.id, target);
+        let due = locked
+            || previous.is_none_or(|a| {
+                now.duration_since(a.last_ok) >= self.settings.reauthorize_interval
+            });
+        if !due {
+            return self.release.confirm(&vol.id, &vol.record, &req.auth);
+        }
+        match self.release.reauthorize(&vol.id, &vol.record, &req.auth) {
+            Ok(dek) => {
+                if locked {
+                    crypt::unlock(staging, dek.expose(), identifier.as_deref())?;
+                    release::audit(
+                        "unlock",
+                        &vol.id,
+                        Some(&req.auth),
+                        vol.record.kms.as_ref(),
+                        "ok",
+                        now.elapsed(),
+                    );
+                    tracing::info!(volume.id = %vol.id, target.path = %target.display(), "authorized again: volume unlocked");
+                }
+                self.set_authorization(&vol.id, target, Authorization::now());
+                Ok(())
+            }
+            Err(
+                e @ (VolumeError::Unauthenticated(_)
+                | VolumeError::PermissionDenied(_)
+                | VolumeError::Corrupt(_)),
+            ) => {
+                self.lock_volume(vol, staging, target, &e)?;
+                Err(VolumeError::PermissionDenied(format!(
+                    "re-authorization refused, volume {} is locked: {e}",
+                    vol.id
+                )))
+            }
+            Err(VolumeError::Unavailable(reason)) => {
+                let since = previous.and_then(|a| a.failing_since).unwrap_or(now);
+                let last_ok = previous.map(|a| a.last_ok).unwrap_or(now);
+                self.set_authorization(
+                    &vol.id,
+                    target,
+                    Authorization {
+                        last_ok,
+                        failing_since: Some(since),
+                    },
+                );
+                let failing_for = now.duration_since(since);
+                if failing_for >= self.settings.revoke_grace && !locked {
+                    let e = VolumeError::Unavailable(reason.clone());
+                    self.lock_volume(vol, staging, target, &e)?;
+                    return Err(VolumeError::Unavailable(format!(
+                        "re-authorization has failed for {}s, longer than --revoke-grace: volume {} is locked ({reason})",
+                        failing_for.as_secs(),
+                        vol.id
+                    )));
+                }
+                Err(VolumeError::Unavailable(format!(
+                    "re-authorization failed ({reason}); volume {} stays usable for {}s more",
+                    vol.id,
+                    self.settings
+                        .revoke_grace
+                        .saturating_sub(failing_for)
+                        .as_secs()
+                )))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    fn lock_volume(
+        &self,
+        vol: &Volume,
+        staging: &Path,
+        target: &Path,
+        why: &VolumeError,
+    ) -> Result<(), VolumeError> {
+        let start = std::time::Instant::now();
+        release::evict(&vol.id, &vol.record, staging)?;
+        if vol.record.on_revoke == OnRevoke::LockAndUnmount {
+            sys::unmount(target, true)?;
+        }
+        release::audit(
+            "lock",
+            &vol.id,
+            None,
+            vol.record.kms.as_ref(),
+            "locked",
+            start.elapsed(),
+        );
+        tracing::warn!(volume.id = %vol.id, target.path = %target.display(), reason = %why, on_revoke = ?vol.record.on_revoke, "volume locked: its key left the kernel");
+        Ok(())
+    }
+
+    fn authorization(&self, id: &VolumeId, target: &Path) -> Option<Authorization> {
+        let map = self
+            .authorizations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.get(&(id.clone(), target.to_path_buf())).copied()
+    }
+
+    fn set_authorization(&self, id: &VolumeId, target: &Path, a: Authorization) {
+        let mut map = self
+            .authorizations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.insert((id.clone(), target.to_path_buf()), a);
+    }
+
+    fn forget_authorization(&self, id: &VolumeId, target: &Path) {
+        let mut map = self
+            .authorizations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.remove(&(id.clone(), target.to_path_buf()));
     }
 
     fn publish_inline(
@@ -641,6 +812,7 @@ impl Manager {
             created_unix: now_unix(),
             formatted: false,
             kms: params.kms.clone(),
+            on_revoke: params.on_revoke,
         };
         self.create_file(disk, &record)?;
         crash::point("inline.created");
@@ -728,6 +900,7 @@ impl Manager {
             }
             sys::unmount(&target, false)?;
             crash::point("unpublish.unmounted");
+            self.forget_authorization(id, &target);
             tracing::info!(volume.id = %id, target.path = %target.display(), "volume unpublished");
         }
         match std::fs::remove_dir(&target) {

@@ -31,6 +31,7 @@ const ACCEPTED_PARAMETERS: &[&str] = &[
     "secretName",
     "clientID",
     "tenantID",
+    "onRevoke",
 ];
 const INLINE_ONLY: &[&str] = &["size"];
 /// Keys that Kubernetes adds (external-provisioner's `--extra-create-metadata`, kubelet's pod
@@ -65,6 +66,17 @@ impl KeyMode {
     }
 }
 
+/// What a refused re-authorization does to a published volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum OnRevoke {
+    /// Remove the key: nothing new can be opened or created.
+    #[default]
+    Lock,
+    /// Also unmount the target lazily, so the pod's view of the volume goes.
+    LockAndUnmount,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum WipeMode {
@@ -91,6 +103,7 @@ pub(crate) struct VolumeParams {
     pub(crate) wipe: WipeMode,
     /// Where the KEK is, for the keyvault modes.
     pub(crate) kms: Option<KmsRecord>,
+    pub(crate) on_revoke: OnRevoke,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -177,11 +190,28 @@ impl VolumeParams {
             return Err(invalid("pool", format!("{p:?} is not a pool name")));
         }
         let kms = kms_record(map, key_mode)?;
+        let on_revoke = match map.get("onRevoke").map(String::as_str) {
+            None | Some("lock") => OnRevoke::Lock,
+            Some("lock-and-unmount") => OnRevoke::LockAndUnmount,
+            Some(other) => {
+                return Err(invalid(
+                    "onRevoke",
+                    format!("{other:?} is not accepted; use lock or lock-and-unmount"),
+                ));
+            }
+        };
+        if key_mode == KeyMode::None && map.contains_key("onRevoke") {
+            return Err(invalid(
+                "onRevoke",
+                "applies to encrypted volumes only (keyMode keyvault-key or keyvault-secret)",
+            ));
+        }
         Ok(VolumeParams {
             pool,
             key_mode,
             wipe,
             kms,
+            on_revoke,
         })
     }
 }

@@ -202,6 +202,63 @@ impl KeyRelease {
     }
 }
 
+impl KeyRelease {
+    /// A due re-authorization: a fresh Entra exchange and a real Key Vault unwrap with the
+    /// pod's current token, the result checked against the key identifier in the header.
+    /// Returns the key (for a locked volume to be unlocked again); refusals are audited.
+    pub(crate) fn reauthorize(
+        &self,
+        id: &VolumeId,
+        record: &VolumeRecord,
+        auth: &PodAuth,
+    ) -> Result<Dek, VolumeError> {
+        let kms = record.kms.as_ref().ok_or_else(|| {
+            VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
+        })?;
+        let start = Instant::now();
+        let result = self.identity(kms).and_then(|(tenant, client)| {
+            let token = self.runtime.block_on(self.entra.fresh_access_token(
+                &tenant,
+                &client,
+                auth.token()?,
+            ))?;
+            let dek = self
+                .runtime
+                .block_on(self.vault.unwrap(kms, &token, &aad(id)))?;
+            let derived = crypt::identifier_for(dek.expose())?;
+            if kms
+                .key_identifier
+                .as_deref()
+                .is_some_and(|recorded| recorded != derived)
+            {
+                return Err(VolumeError::Corrupt(format!(
+                    "volume {id}: the unwrapped key does not match the header"
+                )));
+            }
+            Ok(dek)
+        });
+        match &result {
+            Ok(_) => audit(
+                "reauthorize",
+                id,
+                Some(auth),
+                Some(kms),
+                "ok",
+                start.elapsed(),
+            ),
+            Err(e) => audit(
+                "denial",
+                id,
+                Some(auth),
+                Some(kms),
+                &result_of(e),
+                start.elapsed(),
+            ),
+        }
+        result
+    }
+}
+
 /// Removes the volume's key from its filesystem (mounted at `fs_root`), with an audit line.
 /// A volume whose key never reached the kernel has nothing to evict.
 pub(crate) fn evict(
@@ -221,7 +278,7 @@ pub(crate) fn evict(
         Removal::Removed => "ok",
         Removal::Absent => "already_absent",
         Removal::FilesBusy => {
-            tracing::warn!(volume.id = %id, "key removed, but files still open keep it until they are closed");
+            tracing::warn!(volume.id = %id, "key secret wiped; inodes still in use (open files, or a mounted target) keep theirs until released");
             "files_busy"
         }
     };

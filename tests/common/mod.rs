@@ -3,6 +3,8 @@
 //! it left even when the test panics.
 #![allow(dead_code, unused_imports)]
 
+pub mod azure;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,0 +1,173 @@
+//! The Azure emulator for the key tests: one tenant, an app identity authorized on a vault's
+//! RSA key, oct-HSM key and secret, an intruder identity with no role, a fake cluster issuer;
+//! and a node plugin pointed at it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use super::*;
+use sealvol::harness::keys::with_pod_token;
+use sealvol_azure_emulator::{Config, Emulator, Options, TokenRequest};
+use serde_json::json;
+
+pub const TENANT: &str = "72f988bf-0000-4000-8000-0000000000aa";
+pub const APP: &str = "3d1c6a0e-1111-4111-8111-0000000000aa";
+pub const APP_OID: &str = "9f0c2d4e-2222-4222-8222-0000000000aa";
+pub const INTRUDER: &str = "3d1c6a0e-1111-4111-8111-0000000000bb";
+pub const AUD: &str = "api://AzureADTokenExchange";
+
+pub struct Azure {
+    pub emu: Emulator,
+}
+
+impl Azure {
+    pub async fn start() -> Azure {
+        let config = Config::parse(&json!({
+            "tenants": [{"id": TENANT, "identities": [
+                {"name": "app", "client_id": APP, "object_id": APP_OID, "federated_credentials": [
+                    {"name": "app", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:default:app"},
+                    {"name": "app2", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:default:app2"}]},
+                {"name": "intruder", "client_id": INTRUDER, "object_id": "9f0c2d4e-2222-4222-8222-0000000000bb", "federated_credentials": [
+                    {"name": "intruder", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:default:intruder"}]}
+            ]}],
+            "issuers": ["cluster", "rogue"],
+            "vaults": [{"name": "kv", "tenant": TENANT,
+                "keys": [{"name": "kek"}, {"name": "hsm", "kty": "oct-HSM", "size": 256}],
+                "secrets": [{"name": "kek-secret", "value": "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="}]}],
+            "role_assignments": [
+                {"principal": APP_OID, "role": "Key Vault Crypto Service Encryption User", "scope": "/vaults/kv/keys/kek"},
+                {"principal": APP_OID, "role": "Key Vault Crypto Service Encryption User", "scope": "/vaults/kv/keys/hsm"},
+                {"principal": APP_OID, "role": "Key Vault Secrets User", "scope": "/vaults/kv/secrets/kek-secret"},
+                {"principal": "9f0c2d4e-2222-4222-8222-0000000000bb", "role": "Key Vault Reader", "scope": "/vaults/kv"}
+            ]
+        }).to_string()).unwrap();
+        let emu = Emulator::start(Options {
+            config,
+            admin: true,
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        Azure { emu }
+    }
+
+    pub fn token(&self, sa: &str) -> String {
+        self.token_with(sa, AUD, 0, "cluster")
+    }
+
+    pub fn token_with(&self, sa: &str, aud: &str, offset: i64, issuer: &str) -> String {
+        self.emu
+            .mint_token(
+                issuer,
+                &TokenRequest {
+                    namespace: "default".into(),
+                    service_account: sa.into(),
+                    audiences: vec![aud.into()],
+                    pod_name: None,
+                    pod_uid: None,
+                    ttl_secs: 3600,
+                    offset_secs: offset,
+                },
+            )
+            .unwrap()
+    }
+
+    pub fn params(&self, mode: &str) -> Vec<(String, String)> {
+        let vault = self.emu.vault_url("kv").unwrap();
+        let mut p = vec![
+            ("keyMode".to_string(), mode.to_string()),
+            ("keyVaultURL".to_string(), vault),
+            ("clientID".to_string(), APP.to_string()),
+        ];
+        match mode {
+            "keyvault-secret" => p.push(("secretName".into(), "kek-secret".into())),
+            "hsm" => {
+                p[0].1 = "keyvault-key".into();
+                p.push(("keyName".into(), "hsm".into()));
+                p.push(("keyAlgorithm".into(), "A256KW".into()));
+            }
+            _ => p.push(("keyName".into(), "kek".into())),
+        }
+        p
+    }
+
+    pub fn wraps(&self) -> u64 {
+        self.emu.count("keyvault.wrap", Some(200))
+    }
+
+    pub fn unwraps(&self) -> u64 {
+        self.emu.count("keyvault.unwrap", Some(200))
+    }
+}
+
+pub async fn node_for(azure: &Azure) -> (ScratchNode, CsiClient) {
+    node_with(azure, &[]).await
+}
+
+pub async fn node_with(azure: &Azure, extra: &[&str]) -> (ScratchNode, CsiClient) {
+    let mut node = ScratchNode::new(&binary(), None).unwrap();
+    let ca = node.root.join("emulator-ca.pem");
+    std::fs::write(&ca, &azure.emu.ca_cert_pem).unwrap();
+    let args = [
+        format!("--authority-host={}", azure.emu.base_url),
+        format!("--ca-file={}", ca.display()),
+        format!("--tenant-id={TENANT}"),
+        "--keyvault-verify-challenge=false".to_string(),
+        "--log-format=json".to_string(),
+    ];
+    let args: Vec<String> = args
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
+    node = node.with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    require_root();
+    let client = node.start(&[]).await.unwrap();
+    (node, client)
+}
+
+pub async fn create_encrypted(c: &mut CsiClient, azure: &Azure, name: &str, mode: &str) -> String {
+    let params = azure.params(mode);
+    let refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    create_with(c, name, 32 * MIB, &refs).await
+}
+
+pub fn publish_as(
+    node: &ScratchNode,
+    id: &str,
+    pod: &str,
+    token: &str,
+    sa: &str,
+) -> csi::NodePublishVolumeRequest {
+    let mut req = node.publish(id, pod);
+    with_pod_token(&mut req, token, AUD, "default", sa, true);
+    req
+}
+
+/// The header's wrapped DEK and key identifier, from the volume file's header JSON.
+pub fn header(node: &ScratchNode, id: &str) -> serde_json::Value {
+    let bytes = std::fs::read(node.pool_dir.join(format!("{id}.img"))).unwrap_or_default();
+    let mut best = serde_json::Value::Null;
+    for slot in 0..2 {
+        let s = &bytes[slot * 4096..(slot + 1) * 4096];
+        let len = u32::from_le_bytes(s[20..24].try_into().unwrap()) as usize;
+        if len > 0
+            && len < 4000
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&s[24..24 + len])
+        {
+            let generation = u64::from_le_bytes(s[12..20].try_into().unwrap());
+            if best.is_null() || generation > best["_gen"].as_u64().unwrap_or(0) {
+                best = v;
+                best["_gen"] = json!(generation);
+            }
+        }
+    }
+    best
+}
+
+pub fn identifier(node: &ScratchNode, id: &str) -> String {
+    header(node, id)["kms"]["key_identifier"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
