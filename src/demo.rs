@@ -131,7 +131,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     steps.begin();
-    let args_owned = azure.node_args(TENANT);
+    let mut args_owned = azure.node_args(TENANT);
+    // Re-authorize on a republish once a publication's authorization is a second old.
+    args_owned.push("--reauthorize-interval=1s".to_string());
     let mut node = scratch.with_args(&args_owned.iter().map(String::as_str).collect::<Vec<_>>());
     let mut client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
     steps.done(
@@ -221,6 +223,51 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     steps.done(
         "NodePublishVolume again (republish)",
         format!("cached token, {} Key Vault calls", after - wraps),
+    );
+
+    steps.begin();
+    let role = "Key Vault Crypto Service Encryption User";
+    let scope = "/vaults/demo-kv/keys/kek";
+    azure.set_role(APP_OID, role, scope, false).await?;
+    steps.done(
+        "revoke: delete the role assignment",
+        format!("{role} on {scope}, through the emulator's control plane"),
+    );
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    steps.begin();
+    let fresh = azure.mint_token("cluster", "demo", "app").await?;
+    let mut republish = node.publish(&id, "demo-pod");
+    with_pod_token(&mut republish, &fresh, AUDIENCE, "demo", "app", true);
+    let denied = client
+        .node
+        .node_publish_volume(republish.clone())
+        .await
+        .err()
+        .context("a revoked identity kept its volume")?;
+    let locked = std::fs::read(format!("{target}/diary-of-the-pod.txt"))
+        .err()
+        .and_then(|e| e.raw_os_error())
+        == Some(libc::ENOKEY);
+    ensure!(locked, "the volume is still readable after the revocation");
+    steps.done(
+        "republish after the 1 s interval",
+        format!(
+            "refused {:?}: volume locked, reads fail ENOKEY",
+            denied.code()
+        ),
+    );
+
+    steps.begin();
+    azure.set_role(APP_OID, role, scope, true).await?;
+    client.node.node_publish_volume(republish).await?;
+    ensure!(
+        std::fs::read(format!("{target}/diary-of-the-pod.txt"))? == marker.repeat(2048),
+        "data lost across the lock"
+    );
+    steps.done(
+        "restore the role, republish",
+        "unlocked: the key is back, the data intact",
     );
 
     steps.begin();

@@ -521,6 +521,32 @@ pub mod azure {
                 .ok_or_else(|| other("no token minted"))
         }
 
+        /// Adds (`assign`) or deletes a role assignment through the control plane.
+        pub async fn set_role(
+            &self,
+            principal: &str,
+            role: &str,
+            scope: &str,
+            assign: bool,
+        ) -> Result<(), HarnessError> {
+            let body = serde_json::json!({"principal": principal, "role": role, "scope": scope});
+            let url = format!("{}/_emulator/role-assignments", self.base_url);
+            let req = if assign {
+                self.http.post(url)
+            } else {
+                self.http.delete(url)
+            };
+            let resp = req
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| other(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(other(format!("role assignment: HTTP {}", resp.status())));
+            }
+            Ok(())
+        }
+
         /// Calls per route answered with `status` (every status when None).
         pub async fn count(&self, route: &str, status: Option<u16>) -> u64 {
             let Ok(resp) = self
