@@ -35,7 +35,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the CSI Identity, Controller and Node services on a unix socket.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Benchmark full volume lifecycles against a node plugin on a temporary loop-file pool.
     Bench(bench::BenchArgs),
     /// Walk one volume through create, stage, publish, write, unpublish, unstage and delete.
@@ -90,6 +90,17 @@ struct NodeArgs {
     /// this long (0: at once).
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     revoke_grace: std::time::Duration,
+    /// Read client and tenant ids from ServiceAccount annotations (needs `get` on
+    /// serviceaccounts) when a volume's parameters name none.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    service_account_lookup: bool,
+    /// The Kubernetes API to read ServiceAccounts from (default: in-cluster).
+    #[arg(long)]
+    kube_api_url: Option<String>,
+    #[arg(long)]
+    kube_token_file: Option<PathBuf>,
+    #[arg(long)]
+    kube_ca_file: Option<PathBuf>,
 }
 
 /// "250ms", "30s", "5m", "1h", or a plain number of seconds.
@@ -150,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Node(a) => {
+            let a = *a;
             init_logging(cli.log_format, &cli.log_level)?;
             let cfg = sealvol::NodeConfig {
                 endpoint: a.endpoint,
@@ -167,6 +179,10 @@ fn main() -> anyhow::Result<()> {
                 keyvault_verify_challenge: a.keyvault_verify_challenge,
                 reauthorize_interval: a.reauthorize_interval,
                 revoke_grace: a.revoke_grace,
+                kube_api_url: a.kube_api_url,
+                kube_token_file: a.kube_token_file,
+                kube_ca_file: a.kube_ca_file,
+                service_account_lookup: a.service_account_lookup,
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
             Ok(())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
 
 use crate::csi::{self, PluginInfo, ServeError};
-use crate::identity::Entra;
+use crate::identity::{Entra, KubeApi};
 use crate::keys::KeyVault;
 use crate::pool::{PoolError, PoolSpec, Pools};
 use crate::sys::{SysError, Tools};
@@ -43,6 +43,12 @@ pub struct NodeConfig {
     pub reauthorize_interval: Duration,
     /// Transient re-authorization failures lock the volume only after lasting this long.
     pub revoke_grace: Duration,
+    /// The Kubernetes API for ServiceAccount annotations: None uses the in-cluster one when
+    /// there is one; `service_account_lookup` false turns the lookup off.
+    pub kube_api_url: Option<String>,
+    pub kube_token_file: Option<PathBuf>,
+    pub kube_ca_file: Option<PathBuf>,
+    pub service_account_lookup: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +125,26 @@ fn azure_client_options(ca_file: Option<&std::path::Path>) -> Result<ClientOptio
     })
 }
 
+fn kube_api(cfg: &NodeConfig) -> Result<Option<KubeApi>, StartError> {
+    if !cfg.service_account_lookup {
+        return Ok(None);
+    }
+    let api = match &cfg.kube_api_url {
+        Some(url) => {
+            let token = cfg.kube_token_file.clone().unwrap_or_else(|| {
+                PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+            });
+            Some(KubeApi::new(url, token, cfg.kube_ca_file.clone()).map_err(StartError::Http)?)
+        }
+        None => KubeApi::in_cluster().map_err(StartError::Http)?,
+    };
+    match &api {
+        Some(_) => tracing::info!("client ids may come from ServiceAccount annotations"),
+        None => tracing::info!("not in a cluster: client ids come from volume parameters only"),
+    }
+    Ok(api)
+}
+
 /// Runs the node plugin until `shutdown` resolves.
 pub async fn run_node(
     cfg: NodeConfig,
@@ -158,6 +184,7 @@ pub async fn run_node(
         entra: Entra::new(&cfg.authority_host, azure.clone()),
         vault: KeyVault::new(azure, cfg.keyvault_verify_challenge),
         default_tenant: cfg.tenant_id.clone(),
+        kube: kube_api(&cfg)?,
         runtime: tokio::runtime::Handle::current(),
     };
     let manager = Arc::new(Manager::new(

@@ -8,6 +8,7 @@ use common::*;
 use common::azure::*;
 use sealvol::harness::keys::{key_present, with_pod_token};
 use sealvol_azure_emulator::{FaultKind, FaultSpec, RoleAssignment};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_is_encrypted_and_the_key_leaves_with_the_pod() {
@@ -552,4 +553,98 @@ async fn secret_mode_hsm_keys_rotation_and_inline_volumes() {
         .await
         .unwrap();
     assert_clean(&node);
+}
+
+/// A fake Kubernetes API that knows two ServiceAccounts: "app", annotated with the app's
+/// client id, and "bare", with no annotation. It insists on the driver's bearer token.
+async fn fake_kube_api() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use axum::extract::Path as AxPath;
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let hits = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/{ns}/serviceaccounts/{name}",
+        axum::routing::get(move |AxPath((ns, name)): AxPath<(String, String)>, headers: HeaderMap| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer driver-sa-token") {
+                    return (StatusCode::UNAUTHORIZED, String::new());
+                }
+                let annotations = if name == "app" { json!({"azure.workload.identity/client-id": APP}) } else { json!({}) };
+                (StatusCode::OK, json!({"kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "annotations": annotations}}).to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_from_service_account_annotations() {
+    let azure = Azure::start().await;
+    let (api, hits) = fake_kube_api().await;
+    let token_file =
+        std::env::temp_dir().join(format!("sealvol-kube-token-{}", std::process::id()));
+    std::fs::write(&token_file, "driver-sa-token\n").unwrap();
+    let flags = [
+        format!("--kube-api-url={api}"),
+        format!("--kube-token-file={}", token_file.display()),
+    ];
+    let (node, mut c) = node_with(
+        &azure,
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    // No clientID parameter: the pod's ServiceAccount annotation names it.
+    let params: Vec<(String, String)> = azure
+        .params("keyvault-key")
+        .into_iter()
+        .filter(|(k, _)| k != "clientID")
+        .collect();
+    let refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let id = create_with(&mut c, "pvc-annotated", 32 * MIB, &refs).await;
+    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
+    c.node
+        .node_publish_volume(publish_as(&node, &id, "a", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    c.node
+        .node_publish_volume(publish_as(&node, &id, "b", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the answer is cached"
+    );
+    // A ServiceAccount without the annotation: the message says what to set.
+    let s = refused(
+        c.node
+            .node_publish_volume(publish_as(&node, &id, "c", &azure.token("bare"), "bare"))
+            .await,
+    );
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(
+        s.message().contains("azure.workload.identity/client-id"),
+        "{}",
+        s.message()
+    );
+    assert!(!is_mounted(&node.target_path("c", &id)));
+    for pod in ["a", "b"] {
+        c.node
+            .node_unpublish_volume(node.unpublish(&id, pod))
+            .await
+            .unwrap();
+    }
+    c.node.node_unstage_volume(node.unstage(&id)).await.unwrap();
+    delete(&mut c, &id).await.unwrap();
+    assert_clean(&node);
+    let _ = std::fs::remove_file(token_file);
 }

@@ -7,8 +7,10 @@
 //! serves another. Keying on the pod token itself (a digest of it) also means a forged token
 //! that merely claims a cached service account goes to Entra, and is refused there.
 
+mod kube;
 mod token;
 
+pub(crate) use kube::KubeApi;
 pub(crate) use token::{PodToken, TOKENS_KEY};
 
 use std::collections::HashMap;
@@ -41,7 +43,7 @@ pub(crate) enum IdentityError {
     #[error("Entra ID is unavailable: {0}")]
     Unavailable(String),
     #[error(
-        "no client id for this volume: set the clientID parameter (or the ServiceAccount annotation azure.workload.identity/client-id)"
+        "no client id for this volume: set the clientID parameter, or annotate the ServiceAccount with azure.workload.identity/client-id (read when the driver runs in a cluster)"
     )]
     NoClientId,
     #[error("no tenant id for this volume: set the tenantID parameter or --tenant-id")]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::crypt;
-use crate::identity::{Entra, IdentityError, PodToken};
+use crate::identity::{Entra, IdentityError, KubeApi, PodToken};
 use crate::keys::{Dek, KeyVault, KmsRecord};
 use crate::sys::Removal;
 
@@ -36,6 +36,8 @@ pub(crate) struct KeyRelease {
     pub(crate) entra: Entra,
     pub(crate) vault: KeyVault,
     pub(crate) default_tenant: Option<String>,
+    /// Where ServiceAccount annotations are read, when the driver runs in a cluster.
+    pub(crate) kube: Option<KubeApi>,
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
@@ -80,13 +82,33 @@ fn result_of(e: &VolumeError) -> String {
 }
 
 impl KeyRelease {
-    fn identity(&self, kms: &KmsRecord) -> Result<(String, String), VolumeError> {
+    /// Tenant and client id: the volume's parameters first, then the pod's ServiceAccount
+    /// annotations (in a cluster), then `--tenant-id` for the tenant.
+    fn identity(&self, kms: &KmsRecord, auth: &PodAuth) -> Result<(String, String), VolumeError> {
+        let annotations = match (
+            &self.kube,
+            kms.client_id.is_some() && kms.tenant_id.is_some(),
+        ) {
+            (Some(kube), false) => {
+                let token = auth.token()?;
+                Some(
+                    self.runtime
+                        .block_on(kube.annotations(token.namespace(), token.service_account()))?,
+                )
+            }
+            _ => None,
+        };
         let tenant = kms
             .tenant_id
             .clone()
+            .or_else(|| annotations.as_ref().and_then(|a| a.tenant_id.clone()))
             .or_else(|| self.default_tenant.clone())
             .ok_or(IdentityError::NoTenantId)?;
-        let client = kms.client_id.clone().ok_or(IdentityError::NoClientId)?;
+        let client = kms
+            .client_id
+            .clone()
+            .or_else(|| annotations.and_then(|a| a.client_id))
+            .ok_or(IdentityError::NoClientId)?;
         Ok((tenant, client))
     }
 
@@ -102,7 +124,7 @@ impl KeyRelease {
             VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
         })?;
         let start = Instant::now();
-        let checked = self.identity(kms).and_then(|(tenant, client)| {
+        let checked = self.identity(kms, auth).and_then(|(tenant, client)| {
             let token = auth.token()?;
             self.runtime
                 .block_on(self.entra.access_token(&tenant, &client, token))
@@ -161,7 +183,7 @@ impl KeyRelease {
         auth: &PodAuth,
         save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
     ) -> Result<(), VolumeError> {
-        let (tenant, client) = self.identity(kms)?;
+        let (tenant, client) = self.identity(kms, auth)?;
         let token =
             self.runtime
                 .block_on(self.entra.access_token(&tenant, &client, auth.token()?))?;
@@ -216,7 +238,7 @@ impl KeyRelease {
             VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
         })?;
         let start = Instant::now();
-        let result = self.identity(kms).and_then(|(tenant, client)| {
+        let result = self.identity(kms, auth).and_then(|(tenant, client)| {
             let token = self.runtime.block_on(self.entra.fresh_access_token(
                 &tenant,
                 &client,

@@ -1,0 +1,128 @@
+//! The workload identity a ServiceAccount names in its annotations
+//! (`azure.workload.identity/client-id`, `.../tenant-id`), read through the Kubernetes API with
+//! the driver's own in-cluster credentials (RBAC: `get` on serviceaccounts). Answers are cached
+//! for a minute per (namespace, name).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::IdentityError;
+
+const CLIENT_ID: &str = "azure.workload.identity/client-id";
+const TENANT_ID: &str = "azure.workload.identity/tenant-id";
+const TTL: Duration = Duration::from_secs(60);
+const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Annotations {
+    pub(crate) client_id: Option<String>,
+    pub(crate) tenant_id: Option<String>,
+}
+
+pub(crate) struct KubeApi {
+    base_url: String,
+    token_file: PathBuf,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<(String, String), (Instant, Annotations)>>,
+}
+
+impl KubeApi {
+    /// The API server as a pod sees it (KUBERNETES_SERVICE_HOST/PORT and the mounted service
+    /// account), or None outside a cluster.
+    pub(crate) fn in_cluster() -> Result<Option<KubeApi>, String> {
+        let (Ok(host), Ok(port)) = (
+            std::env::var("KUBERNETES_SERVICE_HOST"),
+            std::env::var("KUBERNETES_SERVICE_PORT"),
+        ) else {
+            return Ok(None);
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let dir = PathBuf::from(IN_CLUSTER_DIR);
+        KubeApi::new(
+            &format!("https://{host}:{port}"),
+            dir.join("token"),
+            Some(dir.join("ca.crt")),
+        )
+        .map(Some)
+    }
+
+    pub(crate) fn new(
+        base_url: &str,
+        token_file: PathBuf,
+        ca_file: Option<PathBuf>,
+    ) -> Result<KubeApi, String> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(&ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        Ok(KubeApi {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            token_file,
+            http: builder.build().map_err(|e| e.to_string())?,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The ServiceAccount's workload-identity annotations.
+    pub(crate) async fn annotations(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Annotations, IdentityError> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some((at, hit)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && at.elapsed() < TTL
+        {
+            return Ok(hit.clone());
+        }
+        let unavailable = |e: String| {
+            IdentityError::Unavailable(format!("reading ServiceAccount {namespace}/{name}: {e}"))
+        };
+        // The token is re-read every time: kubelet rotates it.
+        let token =
+            std::fs::read_to_string(&self.token_file).map_err(|e| unavailable(e.to_string()))?;
+        let url = format!(
+            "{}/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+            self.base_url
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(unavailable(format!("HTTP {}", resp.status())));
+        }
+        let sa: serde_json::Value = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
+        let get = |k: &str| {
+            sa["metadata"]["annotations"][k]
+                .as_str()
+                .map(str::to_string)
+                .filter(|v| !v.is_empty())
+        };
+        let found = Annotations {
+            client_id: get(CLIENT_ID),
+            tenant_id: get(TENANT_ID),
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (Instant::now(), found.clone()));
+        Ok(found)
+    }
+}
