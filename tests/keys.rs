@@ -648,3 +648,52 @@ async fn client_id_from_service_account_annotations() {
     assert_clean(&node);
     let _ = std::fs::remove_file(token_file);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_with_files_still_open_is_reported_and_finished_later() {
+    use std::io::Read;
+    let azure = Azure::start().await;
+    let (node, mut c) = node_for(&azure).await;
+    let id = create_encrypted(&mut c, &azure, "pvc-busy", "keyvault-key").await;
+    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
+    c.node
+        .node_publish_volume(publish_as(&node, &id, "a", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    let target = node.target_path("a", &id);
+    std::fs::write(format!("{target}/open"), b"held open").unwrap();
+    std::fs::write(format!("{target}/closed"), b"not open").unwrap();
+    nix::unistd::sync();
+    // A process on the node keeps a file open through the staging mount.
+    let staging = node.staging_path(&id);
+    let names: Vec<_> = std::fs::read_dir(format!("{staging}/data"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 2);
+    let mut held = std::fs::File::open(format!("{staging}/data/open")).unwrap();
+    c.node
+        .node_unpublish_volume(node.unpublish(&id, "a"))
+        .await
+        .expect("unpublish succeeds and reports");
+    let ident = identifier(&node, &id);
+    assert!(
+        !key_present(std::path::Path::new(&staging), &ident).unwrap(),
+        "the key secret is wiped"
+    );
+    // The open file keeps its key until closed; nothing else opens.
+    let mut buf = String::new();
+    held.read_to_string(&mut buf).unwrap();
+    assert_eq!(buf, "held open");
+    let other = std::fs::read(format!("{staging}/data/closed")).unwrap_err();
+    assert_eq!(other.raw_os_error(), Some(libc::ENOKEY));
+    assert!(
+        node.log().contains("\"files_busy\""),
+        "the busy eviction is reported"
+    );
+    drop(held);
+    c.node.node_unstage_volume(node.unstage(&id)).await.unwrap();
+    delete(&mut c, &id).await.unwrap();
+    assert_clean(&node);
+}
