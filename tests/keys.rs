@@ -302,6 +302,10 @@ async fn refusals_fail_closed_with_the_right_codes() {
     assert_clean(&node);
     let log = node.log();
     assert!(log.contains("\"denial\""), "no audit line for the denials");
+    for token in [&good, &forged, &expired, &wrong_aud] {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(!log.contains(signature), "a refused token reached the log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

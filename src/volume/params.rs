@@ -19,11 +19,9 @@ pub(crate) const MIN_CAPACITY: u64 = 16 * MIB;
 /// Kubernetes' own limit on a CSI volume name is 128 bytes; this leaves room for other COs.
 const MAX_NAME_BYTES: usize = 256;
 
-const ACCEPTED_PARAMETERS: &[&str] = &[
-    "pool",
-    "fsType",
-    "keyMode",
-    "wipe",
+const BASIC_PARAMETERS: &[&str] = &["pool", "fsType", "keyMode", "wipe"];
+/// The parameters that only an encrypted volume takes.
+const KEY_PARAMETERS: &[&str] = &[
     "keyVaultURL",
     "keyName",
     "keyVersion",
@@ -141,11 +139,13 @@ impl VolumeParams {
         extra: &[&str],
     ) -> Result<Self, VolumeError> {
         for key in map.keys() {
-            if !(ACCEPTED_PARAMETERS.contains(&key.as_str())
+            if !(BASIC_PARAMETERS.contains(&key.as_str())
+                || KEY_PARAMETERS.contains(&key.as_str())
                 || extra.contains(&key.as_str())
                 || key.starts_with(KUBERNETES_PREFIX))
             {
-                let mut accepted: Vec<&str> = ACCEPTED_PARAMETERS.to_vec();
+                let mut accepted: Vec<&str> = BASIC_PARAMETERS.to_vec();
+                accepted.extend_from_slice(KEY_PARAMETERS);
                 accepted.extend_from_slice(extra);
                 let shown: String = key.chars().take(64).collect();
                 return Err(invalid(
@@ -200,12 +200,6 @@ impl VolumeParams {
                 ));
             }
         };
-        if key_mode == KeyMode::None && map.contains_key("onRevoke") {
-            return Err(invalid(
-                "onRevoke",
-                "applies to encrypted volumes only (keyMode keyvault-key or keyvault-secret)",
-            ));
-        }
         Ok(VolumeParams {
             pool,
             key_mode,
@@ -227,15 +221,7 @@ fn kms_record(
             .filter(|v| !v.is_empty())
     };
     if mode == KeyMode::None {
-        for k in [
-            "keyVaultURL",
-            "keyName",
-            "keyVersion",
-            "keyAlgorithm",
-            "secretName",
-            "clientID",
-            "tenantID",
-        ] {
+        for &k in KEY_PARAMETERS {
             if map.contains_key(k) {
                 return Err(invalid(
                     "keyMode",

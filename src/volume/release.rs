@@ -71,6 +71,17 @@ pub(crate) fn audit(
     );
 }
 
+fn audit_denial(id: &VolumeId, auth: &PodAuth, kms: &KmsRecord, e: &VolumeError, start: Instant) {
+    audit(
+        "denial",
+        id,
+        Some(auth),
+        Some(kms),
+        &result_of(e),
+        start.elapsed(),
+    );
+}
+
 fn result_of(e: &VolumeError) -> String {
     let code = match e {
         VolumeError::Unauthenticated(_) => "unauthenticated",
@@ -132,14 +143,7 @@ impl KeyRelease {
                 .map_err(VolumeError::from)
         });
         if let Err(e) = &checked {
-            audit(
-                "denial",
-                id,
-                Some(auth),
-                Some(kms),
-                &result_of(e),
-                start.elapsed(),
-            );
+            audit_denial(id, auth, kms, e, start);
         }
         checked
     }
@@ -162,14 +166,7 @@ impl KeyRelease {
         let start = Instant::now();
         let result = self.unlock_inner(id, record, &kms, fs_root, auth, save);
         if let Err(e) = &result {
-            audit(
-                "denial",
-                id,
-                Some(auth),
-                Some(&kms),
-                &result_of(e),
-                start.elapsed(),
-            );
+            audit_denial(id, auth, &kms, e, start);
         }
         result
     }
@@ -268,14 +265,7 @@ impl KeyRelease {
                 "ok",
                 start.elapsed(),
             ),
-            Err(e) => audit(
-                "denial",
-                id,
-                Some(auth),
-                Some(kms),
-                &result_of(e),
-                start.elapsed(),
-            ),
+            Err(e) => audit_denial(id, auth, kms, e, start),
         }
         result
     }
