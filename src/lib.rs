@@ -8,6 +8,7 @@ mod crypt;
 mod csi;
 mod identity;
 mod keys;
+mod metrics;
 mod node;
 mod pool;
 mod sys;

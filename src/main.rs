@@ -101,6 +101,9 @@ struct NodeArgs {
     kube_token_file: Option<PathBuf>,
     #[arg(long)]
     kube_ca_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// "250ms", "30s", "5m", "1h", or a plain number of seconds.
@@ -183,6 +186,7 @@ fn main() -> anyhow::Result<()> {
                 kube_token_file: a.kube_token_file,
                 kube_ca_file: a.kube_ca_file,
                 service_account_lookup: a.service_account_lookup,
+                metrics_address: a.metrics_address,
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
             Ok(())

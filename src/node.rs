@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub kube_token_file: Option<PathBuf>,
     pub kube_ca_file: Option<PathBuf>,
     pub service_account_lookup: bool,
+    /// Serve /metrics and /healthz here (port 0: any; the address is logged).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +127,7 @@ fn azure_client_options(ca_file: Option<&std::path::Path>) -> Result<ClientOptio
     })
 }
 
-fn kube_api(cfg: &NodeConfig) -> Result<Option<KubeApi>, StartError> {
+fn kube_api(cfg: &NodeConfig) -> Result<Option<Arc<KubeApi>>, StartError> {
     if !cfg.service_account_lookup {
         return Ok(None);
     }
@@ -137,12 +139,69 @@ fn kube_api(cfg: &NodeConfig) -> Result<Option<KubeApi>, StartError> {
             Some(KubeApi::new(url, token, cfg.kube_ca_file.clone()).map_err(StartError::Http)?)
         }
         None => KubeApi::in_cluster().map_err(StartError::Http)?,
-    };
+    }
+    .map(Arc::new);
     match &api {
         Some(_) => tracing::info!("client ids may come from ServiceAccount annotations"),
         None => tracing::info!("not in a cluster: client ids come from volume parameters only"),
     }
     Ok(api)
+}
+
+/// `/metrics` (OpenMetrics text) and `/healthz` (what Probe says) on `addr`, in the background.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    manager: Arc<Manager>,
+) -> Result<(), StartError> {
+    use axum::http::{StatusCode, header};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Http(format!("--metrics-address {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| StartError::Http(e.to_string()))?;
+    let for_metrics = Arc::clone(&manager);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let manager = Arc::clone(&for_metrics);
+                async move {
+                    if let Ok(Err(e)) =
+                        tokio::task::spawn_blocking(move || manager.refresh_gauges()).await
+                    {
+                        tracing::warn!(error = %e, "metrics: volume and pool gauges not refreshed");
+                    }
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        crate::metrics::metrics().encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let manager = Arc::clone(&manager);
+                async move {
+                    match tokio::task::spawn_blocking(move || manager.probe()).await {
+                        Ok(Ok(())) => (StatusCode::OK, "ok".to_string()),
+                        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                    }
+                }
+            }),
+        );
+    tracing::info!(address = %bound, "metrics listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Runs the node plugin until `shutdown` resolves.
@@ -208,6 +267,9 @@ pub async fn run_node(
         );
     }
     tracing::info!(?report, "recovery done");
+    if let Some(addr) = cfg.metrics_address {
+        serve_metrics(addr, Arc::clone(&manager)).await?;
+    }
     csi::serve(
         manager,
         PluginInfo {

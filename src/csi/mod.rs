@@ -40,6 +40,11 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         Ok(r) => r.map_err(status::to_status),
         Err(e) => Err(Status::internal(format!("{method} did not complete: {e}"))),
     };
+    let code = match &result {
+        Ok(_) => "Ok".to_string(),
+        Err(s) => format!("{:?}", s.code()),
+    };
+    crate::metrics::metrics().csi_call(method, &code, start.elapsed());
     let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     match &result {
         Ok(_) => tracing::info!(csi.method = method, volume.id = volume_id, latency_ms, "ok"),

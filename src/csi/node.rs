@@ -76,6 +76,7 @@ impl csi::node_server::Node for NodeService {
                 .map_err(|e| e.to_string()),
                 pod_name: context("csi.storage.k8s.io/pod.name"),
                 pod_namespace: context("csi.storage.k8s.io/pod.namespace"),
+                pod_uid: context("csi.storage.k8s.io/pod.uid"),
             };
             manager.publish(&PublishRequest {
                 id,

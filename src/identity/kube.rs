@@ -72,6 +72,46 @@ impl KubeApi {
         })
     }
 
+    /// Posts a Warning event about a pod.
+    pub(crate) async fn pod_event(
+        &self,
+        namespace: &str,
+        pod: &str,
+        uid: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), String> {
+        let token = std::fs::read_to_string(&self.token_file).map_err(|e| e.to_string())?;
+        let now = azure_core::time::to_rfc3339(&azure_core::time::OffsetDateTime::now_utc());
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": format!("{pod}.sealvol-"), "namespace": namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": namespace, "uid": uid},
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "sealvol"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        });
+        let url = format!("{}/api/v1/namespaces/{namespace}/events", self.base_url);
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(token.trim())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", resp.status()))
+        }
+    }
+
     /// The ServiceAccount's workload-identity annotations.
     pub(crate) async fn annotations(
         &self,
@@ -89,7 +129,7 @@ impl KubeApi {
             return Ok(hit.clone());
         }
         let unavailable = |e: String| {
-            IdentityError::Unavailable(format!("reading ServiceAccount {namespace}/{name}: {e}"))
+            IdentityError::ApiUnavailable(format!("reading ServiceAccount {namespace}/{name}: {e}"))
         };
         // The token is re-read every time: kubelet rotates it.
         let token =
@@ -105,10 +145,14 @@ impl KubeApi {
             .send()
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        if !resp.status().is_success() {
+        let sa: serde_json::Value = if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            // No such ServiceAccount (yet): it has no annotations.
+            serde_json::Value::Null
+        } else if resp.status().is_success() {
+            resp.json().await.map_err(|e| unavailable(e.to_string()))?
+        } else {
             return Err(unavailable(format!("HTTP {}", resp.status())));
-        }
-        let sa: serde_json::Value = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
+        };
         let get = |k: &str| {
             sa["metadata"]["annotations"][k]
                 .as_str()

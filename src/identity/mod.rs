@@ -42,6 +42,8 @@ pub(crate) enum IdentityError {
     Refused(String),
     #[error("Entra ID is unavailable: {0}")]
     Unavailable(String),
+    #[error("the Kubernetes API is unavailable: {0}")]
+    ApiUnavailable(String),
     #[error(
         "no client id for this volume: set the clientID parameter, or annotate the ServiceAccount with azure.workload.identity/client-id (read when the driver runs in a cluster)"
     )]
@@ -127,8 +129,11 @@ impl Entra {
         if let Some(hit) = self.lock().get(&key).filter(|_| use_cache)
             && hit.expires_on - EXPIRY_MARGIN > now
         {
+            crate::metrics::metrics().cache_lookup(true);
             return Ok(hit.clone());
         }
+        crate::metrics::metrics().cache_lookup(false);
+        let started = std::time::Instant::now();
         let mut options = self.options.clone();
         let mut cloud = CustomConfiguration::default();
         cloud.authority_host = self.authority_host.clone();
@@ -145,7 +150,14 @@ impl Entra {
         let token = credential
             .get_token(&[KEYVAULT_SCOPE], None)
             .await
-            .map_err(classify)?;
+            .map_err(classify);
+        let outcome = match &token {
+            Ok(_) => "ok",
+            Err(IdentityError::Refused(_)) => "refused",
+            Err(_) => "unavailable",
+        };
+        crate::metrics::metrics().azure_call("entra.token", outcome, started.elapsed());
+        let token = token?;
         let mut cache = self.lock();
         cache.retain(|_, t| t.expires_on > now);
         cache.insert(key, token.clone());

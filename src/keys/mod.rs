@@ -241,7 +241,7 @@ impl KeyVault {
     ) -> Result<(Zeroizing<Vec<u8>>, String), KeyError> {
         let client = self.secret_client(&kms.vault_url)?;
         let name = kms.secret_name.as_deref().unwrap_or_default();
-        let secret = retrying(|| async {
+        let secret = retrying("keyvault.get_secret", || async {
             let get = SecretClientGetSecretOptions {
                 secret_version: version.map(str::to_string),
                 method_options: call_options(token),
@@ -289,7 +289,7 @@ impl KeyVault {
         }
         let client = self.key_client(&kms.vault_url)?;
         let algorithm = algorithm(&kms.algorithm)?;
-        let result = retrying(|| async {
+        let result = retrying("keyvault.wrap", || async {
             let params = KeyOperationParameters {
                 algorithm: Some(algorithm.clone()),
                 value: Some(dek.expose().to_vec()),
@@ -348,7 +348,7 @@ impl KeyVault {
         }
         let client = self.key_client(&kms.vault_url)?;
         let algorithm = algorithm(&kms.algorithm)?;
-        let result = retrying(|| async {
+        let result = retrying("keyvault.unwrap", || async {
             let params = KeyOperationParameters {
                 algorithm: Some(algorithm.clone()),
                 value: Some(ciphertext.clone()),
@@ -375,7 +375,7 @@ impl KeyVault {
 
 /// Runs a Key Vault operation, retrying what is transient (429, 5xx, no connection) with
 /// doubling pauses, a few seconds in all; refusals (401, 403, 404) are not retried.
-async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, KeyError>
+async fn retrying<T, F, Fut>(operation: &str, mut attempt: F) -> Result<T, KeyError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = azure_core::Result<T>>,
@@ -384,9 +384,19 @@ where
     let mut tries = 0;
     loop {
         tries += 1;
-        match attempt().await {
+        let started = std::time::Instant::now();
+        let result = attempt().await.map_err(classify);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(KeyError::Unauthenticated(_)) => "unauthenticated",
+            Err(KeyError::Denied(_)) => "denied",
+            Err(KeyError::Unavailable(_)) => "unavailable",
+            Err(_) => "error",
+        };
+        crate::metrics::metrics().azure_call(operation, outcome, started.elapsed());
+        match result {
             Ok(v) => return Ok(v),
-            Err(e) => match classify(e) {
+            Err(e) => match e {
                 KeyError::Unavailable(reason) if tries < ATTEMPTS => {
                     tracing::debug!(attempt = tries, reason, "Key Vault call failed; retrying");
                     tokio::time::sleep(pause).await;

@@ -264,6 +264,10 @@ impl Pools {
         Ok(Pools { pools })
     }
 
+    pub(crate) fn all(&self) -> &[Pool] {
+        &self.pools
+    }
+
     /// The named pool, or the default (first) one.
     pub(crate) fn get(&self, name: Option<&str>) -> Result<&Pool, PoolError> {
         match name {

@@ -58,7 +58,9 @@ impl From<IdentityError> for VolumeError {
             IdentityError::NoToken(_) | IdentityError::Malformed(_) | IdentityError::Refused(_) => {
                 VolumeError::Unauthenticated(e.to_string())
             }
-            IdentityError::Unavailable(_) => VolumeError::Unavailable(e.to_string()),
+            IdentityError::Unavailable(_) | IdentityError::ApiUnavailable(_) => {
+                VolumeError::Unavailable(e.to_string())
+            }
             IdentityError::NoClientId | IdentityError::NoTenantId => {
                 VolumeError::FailedPrecondition(e.to_string())
             }

@@ -656,7 +656,7 @@ impl Manager {
                 | VolumeError::PermissionDenied(_)
                 | VolumeError::Corrupt(_)),
             ) => {
-                self.lock_volume(vol, staging, target, &e)?;
+                self.lock_volume(vol, staging, target, &e, &req.auth)?;
                 Err(VolumeError::PermissionDenied(format!(
                     "re-authorization refused, volume {} is locked: {e}",
                     vol.id
@@ -676,7 +676,7 @@ impl Manager {
                 let failing_for = now.duration_since(since);
                 if failing_for >= self.settings.revoke_grace && !locked {
                     let e = VolumeError::Unavailable(reason.clone());
-                    self.lock_volume(vol, staging, target, &e)?;
+                    self.lock_volume(vol, staging, target, &e, &req.auth)?;
                     return Err(VolumeError::Unavailable(format!(
                         "re-authorization has failed for {}s, longer than --revoke-grace: volume {} is locked ({reason})",
                         failing_for.as_secs(),
@@ -702,6 +702,7 @@ impl Manager {
         staging: &Path,
         target: &Path,
         why: &VolumeError,
+        auth: &PodAuth,
     ) -> Result<(), VolumeError> {
         let start = std::time::Instant::now();
         release::evict(&vol.id, &vol.record, staging)?;
@@ -711,10 +712,18 @@ impl Manager {
         release::audit(
             "lock",
             &vol.id,
-            None,
+            Some(auth),
             vol.record.kms.as_ref(),
             "locked",
             start.elapsed(),
+        );
+        self.release.pod_event(
+            auth,
+            "VolumeLocked",
+            &format!(
+                "sealvol locked volume {}: its key left the node because re-authorization failed: {why}",
+                vol.id
+            ),
         );
         tracing::warn!(volume.id = %vol.id, target.path = %target.display(), reason = %why, on_revoke = ?vol.record.on_revoke, "volume locked: its key left the kernel");
         Ok(())
@@ -1078,6 +1087,32 @@ impl Manager {
             vol.record.capacity_bytes = capacity;
             self.save(vol)?;
             tracing::info!(volume.id = %vol.id, capacity, "volume file grown");
+        }
+        Ok(())
+    }
+
+    /// Volumes by state and each pool's space, into the metrics gauges (at scrape time).
+    pub(crate) fn refresh_gauges(&self) -> Result<(), VolumeError> {
+        let loops = sys::attached_loops()?;
+        let table = MountTable::read()?;
+        let (mut created, mut staged, mut published) = (0, 0, 0);
+        for (_, disk) in self.pools.disks() {
+            for id in disk.volume_ids()? {
+                let path = disk.volume_path(&id).to_string_lossy().into_owned();
+                match loops.iter().find(|l| l.backing_file == path) {
+                    None => created += 1,
+                    Some(l) if publications(&table, l).next().is_some() => published += 1,
+                    Some(_) => staged += 1,
+                }
+            }
+        }
+        let m = crate::metrics::metrics();
+        m.set_volumes("created", created);
+        m.set_volumes("staged", staged);
+        m.set_volumes("published", published);
+        for pool in self.pools.all() {
+            let (total, free, _) = pool.space()?;
+            m.set_pool(&pool.name, total, free);
         }
         Ok(())
     }

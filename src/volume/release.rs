@@ -4,6 +4,7 @@
 //! unwrap, evict, wipe, denial) with who, what, result and latency; never a token or key byte.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::crypt;
@@ -21,6 +22,7 @@ pub(crate) struct PodAuth {
     pub(crate) token: Result<PodToken, String>,
     pub(crate) pod_name: String,
     pub(crate) pod_namespace: String,
+    pub(crate) pod_uid: String,
 }
 
 impl PodAuth {
@@ -36,8 +38,8 @@ pub(crate) struct KeyRelease {
     pub(crate) entra: Entra,
     pub(crate) vault: KeyVault,
     pub(crate) default_tenant: Option<String>,
-    /// Where ServiceAccount annotations are read, when the driver runs in a cluster.
-    pub(crate) kube: Option<KubeApi>,
+    /// Where ServiceAccount annotations are read and events posted, in a cluster.
+    pub(crate) kube: Option<Arc<KubeApi>>,
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
@@ -54,6 +56,7 @@ pub(crate) fn audit(
     result: &str,
     latency: Duration,
 ) {
+    crate::metrics::metrics().key_event(event, result);
     let token = auth.and_then(|a| a.token.as_ref().ok());
     tracing::info!(
         target: "sealvol::audit",
@@ -96,16 +99,23 @@ impl KeyRelease {
     /// Tenant and client id: the volume's parameters first, then the pod's ServiceAccount
     /// annotations (in a cluster), then `--tenant-id` for the tenant.
     fn identity(&self, kms: &KmsRecord, auth: &PodAuth) -> Result<(String, String), VolumeError> {
-        let annotations = match (
-            &self.kube,
-            kms.client_id.is_some() && kms.tenant_id.is_some(),
-        ) {
-            (Some(kube), false) => {
+        let needed = kms.client_id.is_none() || kms.tenant_id.is_none();
+        let annotations = match (&self.kube, needed) {
+            (Some(kube), true) => {
                 let token = auth.token()?;
-                Some(
-                    self.runtime
-                        .block_on(kube.annotations(token.namespace(), token.service_account()))?,
-                )
+                match self
+                    .runtime
+                    .block_on(kube.annotations(token.namespace(), token.service_account()))
+                {
+                    Ok(a) => Some(a),
+                    // The volume names its client: the lookup could only have changed the
+                    // tenant, so go on with the default one rather than fail the pod.
+                    Err(e) if kms.client_id.is_some() => {
+                        tracing::warn!(error = %e, "ServiceAccount annotations unavailable; using the volume's clientID and the default tenant");
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             _ => None,
         };
@@ -222,6 +232,28 @@ impl KeyRelease {
 }
 
 impl KeyRelease {
+    /// Posts a Warning event on the pod (in a cluster), in the background: an operator sees
+    /// why the pod's volume stopped working with `kubectl describe pod`.
+    pub(crate) fn pod_event(&self, auth: &PodAuth, reason: &str, message: &str) {
+        let Some(kube) = self.kube.clone() else {
+            return;
+        };
+        if auth.pod_name.is_empty() || auth.pod_namespace.is_empty() {
+            return;
+        }
+        let (ns, name, uid) = (
+            auth.pod_namespace.clone(),
+            auth.pod_name.clone(),
+            auth.pod_uid.clone(),
+        );
+        let (reason, message) = (reason.to_string(), message.to_string());
+        self.runtime.spawn(async move {
+            if let Err(e) = kube.pod_event(&ns, &name, &uid, &reason, &message).await {
+                tracing::warn!(pod.namespace = %ns, pod.name = %name, error = %e, "could not post the pod event");
+            }
+        });
+    }
+
     /// A due re-authorization: a fresh Entra exchange and a real Key Vault unwrap with the
     /// pod's current token, the result checked against the key identifier in the header.
     /// Returns the key (for a locked volume to be unlocked again); refusals are audited.

@@ -1,0 +1,241 @@
+//! The metrics endpoint after a lifecycle and a revocation: the series operators alert on, with
+//! the right counts; /healthz; and the Kubernetes event a locked volume posts on its pod.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::azure::*;
+use common::*;
+
+use std::sync::{Arc, Mutex};
+
+use sealvol_azure_emulator::RoleAssignment;
+
+/// A fake Kubernetes API that records the events posted to it.
+async fn event_sink() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/{ns}/events",
+        axum::routing::post(move |body: String| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str::<serde_json::Value>(&body).unwrap());
+                axum::http::StatusCode::CREATED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, events)
+}
+
+fn metrics_address(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("metrics listening"))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok()?["address"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .expect("the node logs its metrics address")
+}
+
+/// The value of the series whose line starts with `prefix` (labels included).
+fn value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {prefix} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
+    let azure = Azure::start().await;
+    let (api, events) = event_sink().await;
+    let token_file =
+        std::env::temp_dir().join(format!("sealvol-metrics-token-{}", std::process::id()));
+    std::fs::write(&token_file, "driver-sa-token").unwrap();
+    let flags = [
+        "--metrics-address=127.0.0.1:0".to_string(),
+        "--reauthorize-interval=0".to_string(),
+        format!("--kube-api-url={api}"),
+        format!("--kube-token-file={}", token_file.display()),
+    ];
+    let (node, mut c) = node_with(
+        &azure,
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let base = format!("http://{}", metrics_address(&node.log()));
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    let id = create_encrypted(&mut c, &azure, "pvc-metrics", "keyvault-key").await;
+    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
+    c.node
+        .node_publish_volume(publish_as(&node, &id, "pod", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    let text = scrape().await;
+    assert_eq!(value(&text, "sealvol_volumes{state=\"published\"}"), 1.0);
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_csi_operations_total{method=\"NodePublishVolume\",code=\"Ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_azure_requests_total{operation=\"keyvault.wrap\",outcome=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_azure_requests_total{operation=\"entra.token\",outcome=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"wrap\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert!(value(&text, "sealvol_pool_capacity_bytes{pool=\"default\"}") > 0.0);
+    assert!(text.contains("sealvol_csi_operation_duration_seconds_bucket"));
+    assert!(text.contains("sealvol_azure_request_duration_seconds_bucket"));
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+
+    // A revocation: the next republish is a denial and a lock, with an event on the pod.
+    let role = RoleAssignment {
+        principal: APP_OID.into(),
+        role: "Key Vault Crypto Service Encryption User".into(),
+        scope: "/vaults/kv/keys/kek".into(),
+    };
+    azure.emu.revoke_role(&role);
+    let s = refused(
+        c.node
+            .node_publish_volume(publish_as(&node, &id, "pod", &azure.token("app"), "app"))
+            .await,
+    );
+    assert_eq!(s.code(), Code::PermissionDenied);
+    let text = scrape().await;
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"lock\",result=\"locked\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"denial\",result=\"permission_denied\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_azure_requests_total{operation=\"keyvault.unwrap\",outcome=\"denied\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_csi_operations_total{method=\"NodePublishVolume\",code=\"PermissionDenied\"}"
+        ),
+        1.0
+    );
+    for _ in 0..50 {
+        if !events.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    {
+        let events = events.lock().unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["reason"], "VolumeLocked");
+        assert_eq!(events[0]["type"], "Warning");
+        assert_eq!(events[0]["involvedObject"]["kind"], "Pod");
+        assert_eq!(events[0]["involvedObject"]["name"], "pod-app");
+    }
+
+    azure.emu.assign_role(role);
+    c.node
+        .node_publish_volume(publish_as(&node, &id, "pod", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    c.node
+        .node_unpublish_volume(node.unpublish(&id, "pod"))
+        .await
+        .unwrap();
+    c.node.node_unstage_volume(node.unstage(&id)).await.unwrap();
+    delete(&mut c, &id).await.unwrap();
+    let text = scrape().await;
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"unlock\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    // One eviction when the volume locked, one at the last unpublish.
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"evict\",result=\"ok\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"generate\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"reauthorize\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "sealvol_key_events_total{event=\"wipe\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&text, "sealvol_volumes{state=\"published\"}"), 0.0);
+    assert!(value(&text, "sealvol_token_cache_lookups_total{result=\"miss\"}") >= 1.0);
+    assert_clean(&node);
+    let _ = std::fs::remove_file(token_file);
+}
