@@ -1,0 +1,28 @@
+{{/* Names and labels shared by every object of the chart. */}}
+{{- define "sealvol.name" -}}sealvol{{- end -}}
+
+{{- define "sealvol.fullname" -}}
+{{- if eq .Release.Name "sealvol" -}}sealvol{{- else -}}{{ printf "%s-sealvol" .Release.Name | trunc 63 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "sealvol.labels" -}}
+app.kubernetes.io/name: sealvol
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "sealvol.selector" -}}
+app.kubernetes.io/name: sealvol
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The directory kubelet gives the driver for its socket. */}}
+{{- define "sealvol.pluginDir" -}}{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}{{- end -}}
+
+{{/* Whether kubelet passes the pod token in `secrets` (Kubernetes 1.35+, KEP-5538). */}}
+{{- define "sealvol.tokenInSecrets" -}}
+{{- $v := .Values.csiDriver.serviceAccountTokenInSecrets | toString -}}
+{{- if eq $v "auto" -}}{{ semverCompare ">=1.35.0-0" .Capabilities.KubeVersion.Version }}{{- else -}}{{ $v }}{{- end -}}
+{{- end -}}
