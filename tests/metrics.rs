@@ -185,6 +185,7 @@ async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
         assert_eq!(events[0]["involvedObject"]["kind"], "Pod");
         assert_eq!(events[0]["involvedObject"]["name"], "pod-app");
     }
+    events.lock().unwrap().clear();
 
     azure.emu.assign_role(role);
     c.node
@@ -236,6 +237,34 @@ async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
     );
     assert_eq!(value(&text, "sealvol_volumes{state=\"published\"}"), 0.0);
     assert!(value(&text, "sealvol_token_cache_lookups_total{result=\"miss\"}") >= 1.0);
+
+    // A refused pod gets a KeyReleaseDenied event; a deleted PVC's volume a VolumeWiped one.
+    let mut params = azure.params("keyvault-key");
+    params.push(("csi.storage.k8s.io/pvc/name".into(), "cache-claim".into()));
+    params.push(("csi.storage.k8s.io/pvc/namespace".into(), "default".into()));
+    let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let id = create_with(&mut c, "pvc-events", 32 * MIB, &refs).await;
+    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
+    let s = refused(c.node.node_publish_volume(publish_as(&node, &id, "bad", &azure.token("intruder"), "intruder")).await);
+    assert_eq!(s.code(), Code::Unauthenticated);
+    c.node.node_unstage_volume(node.unstage(&id)).await.unwrap();
+    delete(&mut c, &id).await.unwrap();
+    for _ in 0..50 {
+        if events.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    {
+        let events = events.lock().unwrap();
+        let denied = events.iter().find(|e| e["reason"] == "KeyReleaseDenied").expect("a denial event");
+        assert_eq!(denied["involvedObject"]["name"], "pod-intruder");
+        assert!(denied["message"].as_str().unwrap().contains("AADSTS70021"), "{denied}");
+        let wiped = events.iter().find(|e| e["reason"] == "VolumeWiped").expect("a wipe event");
+        assert_eq!(wiped["involvedObject"]["kind"], "PersistentVolumeClaim");
+        assert_eq!(wiped["involvedObject"]["name"], "cache-claim");
+        assert_eq!(wiped["type"], "Normal");
+    }
     assert_clean(&node);
     let _ = std::fs::remove_file(token_file);
 }

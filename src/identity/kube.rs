@@ -72,12 +72,15 @@ impl KubeApi {
         })
     }
 
-    /// Posts a Warning event about a pod.
-    pub(crate) async fn pod_event(
+    /// Posts an event about an object (`kind` Pod or PersistentVolumeClaim).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn event(
         &self,
+        kind: &str,
         namespace: &str,
-        pod: &str,
+        name: &str,
         uid: &str,
+        event_type: &str,
         reason: &str,
         message: &str,
     ) -> Result<(), String> {
@@ -86,11 +89,11 @@ impl KubeApi {
         let body = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": format!("{pod}.sealvol-"), "namespace": namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": namespace, "uid": uid},
+            "metadata": {"generateName": format!("{name}.sealvol-"), "namespace": namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": kind, "name": name, "namespace": namespace, "uid": uid},
             "reason": reason,
             "message": message,
-            "type": "Warning",
+            "type": event_type,
             "source": {"component": "sealvol"},
             "firstTimestamp": now,
             "lastTimestamp": now,

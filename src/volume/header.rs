@@ -42,6 +42,19 @@ pub(crate) struct VolumeRecord {
     pub(crate) kms: Option<KmsRecord>,
     #[serde(default)]
     pub(crate) on_revoke: OnRevoke,
+    /// The object events about this volume go to: its PVC, or an inline volume's pod.
+    #[serde(default)]
+    pub(crate) owner: Option<EventTarget>,
+}
+
+/// A Kubernetes object to post events on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EventTarget {
+    pub(crate) kind: String,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) uid: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +157,7 @@ mod tests {
             formatted: false,
             kms: None,
             on_revoke: OnRevoke::Lock,
+            owner: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::header::{self, HEADER_BYTES, VolumeRecord};
+use super::header::{self, EventTarget, HEADER_BYTES, VolumeRecord};
 use super::id::VolumeId;
 use super::lock::{VolumeGuard, VolumeLocks};
 use super::params::{
@@ -244,6 +244,12 @@ impl Manager {
             formatted: false,
             kms: req.params.kms.clone(),
             on_revoke: req.params.on_revoke,
+            owner: req.params.pvc.as_ref().map(|(namespace, name)| EventTarget {
+                kind: "PersistentVolumeClaim".into(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: String::new(),
+            }),
         };
         self.create_file(disk, &record)?;
         tracing::info!(volume.id = %id, volume.name = %req.name, pool = %pool.name, capacity, "volume created");
@@ -769,7 +775,7 @@ impl Manager {
                     req.id
                 )));
             }
-            None => (self.create_inline(&req.id, params, size)?, true),
+            None => (self.create_inline(&req.id, params, size, &req.auth)?, true),
         };
         let staging = self.inline_staging(&vol.id);
         let result = self
@@ -800,6 +806,7 @@ impl Manager {
         id: &VolumeId,
         params: &VolumeParams,
         size: u64,
+        auth: &PodAuth,
     ) -> Result<Volume, VolumeError> {
         let pool = self.pools.get(params.pool.as_deref())?;
         let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
@@ -822,6 +829,12 @@ impl Manager {
             formatted: false,
             kms: params.kms.clone(),
             on_revoke: params.on_revoke,
+            owner: (!auth.pod_name.is_empty()).then(|| EventTarget {
+                kind: "Pod".into(),
+                namespace: auth.pod_namespace.clone(),
+                name: auth.pod_name.clone(),
+                uid: auth.pod_uid.clone(),
+            }),
         };
         self.create_file(disk, &record)?;
         crash::point("inline.created");
@@ -1303,6 +1316,18 @@ impl Manager {
         crash::point("delete.renamed");
         let start = std::time::Instant::now();
         self.finish_destroy(&deleting)?;
+        if let Some(owner) = &vol.record.owner {
+            self.release.event(
+                owner,
+                "Normal",
+                "VolumeWiped",
+                &format!(
+                    "sealvol deleted volume {}: {} and its blocks released",
+                    vol.id,
+                    if vol.record.key_mode == KeyMode::None { "its header erased" } else { "its wrapped key destroyed" }
+                ),
+            );
+        }
         if vol.record.key_mode != KeyMode::None {
             release::audit(
                 "wipe",

@@ -102,6 +102,8 @@ pub(crate) struct VolumeParams {
     /// Where the KEK is, for the keyvault modes.
     pub(crate) kms: Option<KmsRecord>,
     pub(crate) on_revoke: OnRevoke,
+    /// The PVC (namespace, name) external-provisioner's --extra-create-metadata names.
+    pub(crate) pvc: Option<(String, String)>,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -200,12 +202,20 @@ impl VolumeParams {
                 ));
             }
         };
+        let pvc = match (
+            map.get("csi.storage.k8s.io/pvc/namespace"),
+            map.get("csi.storage.k8s.io/pvc/name"),
+        ) {
+            (Some(ns), Some(name)) => Some((ns.clone(), name.clone())),
+            _ => None,
+        };
         Ok(VolumeParams {
             pool,
             key_mode,
             wipe,
             kms,
             on_revoke,
+            pvc,
         })
     }
 }

@@ -13,7 +13,7 @@ use crate::keys::{Dek, KeyVault, KmsRecord};
 use crate::sys::Removal;
 
 use super::VolumeError;
-use super::header::VolumeRecord;
+use super::header::{EventTarget, VolumeRecord};
 use super::id::VolumeId;
 
 /// What the publishing pod brings: its token (or why there is none) and who it is.
@@ -85,6 +85,14 @@ fn audit_denial(id: &VolumeId, auth: &PodAuth, kms: &KmsRecord, e: &VolumeError,
     );
 }
 
+/// Denials worth an event on the pod: the identity's, not Azure's passing trouble.
+fn is_denial(e: &VolumeError) -> bool {
+    matches!(
+        e,
+        VolumeError::Unauthenticated(_) | VolumeError::PermissionDenied(_) | VolumeError::FailedPrecondition(_)
+    )
+}
+
 fn result_of(e: &VolumeError) -> String {
     let code = match e {
         VolumeError::Unauthenticated(_) => "unauthenticated",
@@ -154,6 +162,9 @@ impl KeyRelease {
         });
         if let Err(e) = &checked {
             audit_denial(id, auth, kms, e, start);
+            if is_denial(e) {
+                self.pod_event(auth, "KeyReleaseDenied", &format!("sealvol refused volume {id} to this pod: {e}"));
+            }
         }
         checked
     }
@@ -177,6 +188,9 @@ impl KeyRelease {
         let result = self.unlock_inner(id, record, &kms, fs_root, auth, save);
         if let Err(e) = &result {
             audit_denial(id, auth, &kms, e, start);
+            if is_denial(e) {
+                self.pod_event(auth, "KeyReleaseDenied", &format!("sealvol refused volume {id}'s key to this pod: {e}"));
+            }
         }
         result
     }
@@ -232,24 +246,32 @@ impl KeyRelease {
 }
 
 impl KeyRelease {
-    /// Posts a Warning event on the pod (in a cluster), in the background: an operator sees
-    /// why the pod's volume stopped working with `kubectl describe pod`.
+    /// Posts a Warning event on the publishing pod (in a cluster), in the background: an
+    /// operator sees why the pod's volume failed or stopped with `kubectl describe pod`.
     pub(crate) fn pod_event(&self, auth: &PodAuth, reason: &str, message: &str) {
-        let Some(kube) = self.kube.clone() else {
-            return;
-        };
         if auth.pod_name.is_empty() || auth.pod_namespace.is_empty() {
             return;
         }
-        let (ns, name, uid) = (
-            auth.pod_namespace.clone(),
-            auth.pod_name.clone(),
-            auth.pod_uid.clone(),
-        );
-        let (reason, message) = (reason.to_string(), message.to_string());
+        let target = EventTarget {
+            kind: "Pod".into(),
+            namespace: auth.pod_namespace.clone(),
+            name: auth.pod_name.clone(),
+            uid: auth.pod_uid.clone(),
+        };
+        self.event(&target, "Warning", reason, message);
+    }
+
+    /// Posts an event on `target` in the background.
+    pub(crate) fn event(&self, target: &EventTarget, event_type: &str, reason: &str, message: &str) {
+        let Some(kube) = self.kube.clone() else { return };
+        let (target, event_type, reason, message) =
+            (target.clone(), event_type.to_string(), reason.to_string(), message.to_string());
         self.runtime.spawn(async move {
-            if let Err(e) = kube.pod_event(&ns, &name, &uid, &reason, &message).await {
-                tracing::warn!(pod.namespace = %ns, pod.name = %name, error = %e, "could not post the pod event");
+            if let Err(e) = kube
+                .event(&target.kind, &target.namespace, &target.name, &target.uid, &event_type, &reason, &message)
+                .await
+            {
+                tracing::warn!(object = %target.name, error = %e, "could not post the event");
             }
         });
     }
