@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Passed to the node plugin: 0 makes every republish re-authorize with Key Vault.
     #[arg(long)]
     reauthorize_interval: Option<String>,
+    /// Instead of lifecycles: the time from a revocation to the volume's lock, for several
+    /// re-authorization intervals, with kubelet-like republishes every 250 ms.
+    #[arg(long)]
+    revocation: bool,
     /// Instead of lifecycles: fio on a plain and an encrypted volume of the same pool
     /// (sequential 1 MiB and random 4 KiB, read and write); needs fio.
     #[arg(long)]
@@ -320,6 +324,130 @@ async fn fio_compare(exe: &std::path::Path, args: &BenchArgs) -> anyhow::Result<
     Ok(())
 }
 
+/// One revocation trial: publish, revoke the role at a random moment, republish every
+/// `period` until the volume locks; returns the time from the revocation to the lock.
+async fn time_to_lock(
+    exe: &std::path::Path,
+    args: &BenchArgs,
+    interval_ms: u64,
+    period: Duration,
+    trial: usize,
+) -> anyhow::Result<Duration> {
+    let scratch = ScratchNode::new(exe, args.dir.as_deref())?;
+    let azure = EmulatorProcess::start(
+        exe,
+        &scratch.root,
+        &crate::demo::emulator_config(&[(crate::demo::APP_CLIENT, crate::demo::APP_OID, "app")]),
+    )?;
+    let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
+    let mut flags = azure.node_args(crate::demo::TENANT);
+    flags.push(format!("--reauthorize-interval={interval_ms}ms"));
+    let mut node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
+    let params = [
+        ("keyMode", "keyvault-key"),
+        ("keyVaultURL", vault.as_str()),
+        ("keyName", "kek"),
+        ("clientID", crate::demo::APP_CLIENT),
+    ];
+    let id = client
+        .controller
+        .create_volume(requests::create(
+            &format!("revoke-{trial}"),
+            64 << 20,
+            &params,
+        ))
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?
+        .volume_id;
+    client.node.node_stage_volume(node.stage(&id)).await?;
+    let token = azure.mint_token("cluster", "demo", "app").await?;
+    let mut publish = node.publish(&id, "pod");
+    with_pod_token(
+        &mut publish,
+        &token,
+        "api://AzureADTokenExchange",
+        "demo",
+        "app",
+        true,
+    );
+    client.node.node_publish_volume(publish.clone()).await?;
+    // Revoke at a pseudo-random point of the interval (spread over the trials).
+    let spread = interval_ms.max(period.as_millis() as u64);
+    tokio::time::sleep(Duration::from_millis((trial as u64 * 7919) % spread.max(1))).await;
+    let (role, scope) = (
+        "Key Vault Crypto Service Encryption User",
+        "/vaults/demo-kv/keys/kek",
+    );
+    azure
+        .set_role(crate::demo::APP_OID, role, scope, false)
+        .await?;
+    let revoked = Instant::now();
+    let locked = loop {
+        match client.node.node_publish_volume(publish.clone()).await {
+            Err(s) if s.code() == tonic::Code::PermissionDenied => break revoked.elapsed(),
+            _ if revoked.elapsed() > Duration::from_secs(60) => {
+                anyhow::bail!("no lock within a minute")
+            }
+            _ => tokio::time::sleep(period).await,
+        }
+    };
+    client
+        .node
+        .node_unpublish_volume(node.unpublish(&id, "pod"))
+        .await?;
+    client.node.node_unstage_volume(node.unstage(&id)).await?;
+    client
+        .controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            secrets: Default::default(),
+        })
+        .await?;
+    node.kill();
+    Ok(locked)
+}
+
+async fn revocation_figures(exe: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let period = Duration::from_millis(250);
+    println!(
+        "time from revocation to lock; kubelet-like republish every {} ms (a real kubelet: 60-90 s)\n",
+        period.as_millis()
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>22}",
+        "reauthorize interval", "min ms", "mean ms", "max ms", "bound (interval+period)"
+    );
+    let mut rows = serde_json::Map::new();
+    for interval_ms in [0u64, 1000, 2000, 4000] {
+        let mut samples = Vec::new();
+        for trial in 0..3 {
+            samples.push(
+                time_to_lock(exe, args, interval_ms, period, trial)
+                    .await?
+                    .as_secs_f64()
+                    * 1000.0,
+            );
+        }
+        samples.sort_by(f64::total_cmp);
+        let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+        let bound = interval_ms as f64 + period.as_millis() as f64;
+        println!(
+            "{:<22} {:>10.0} {:>10.0} {:>10.0} {:>22.0}",
+            format!("{interval_ms} ms"),
+            samples[0],
+            mean,
+            samples[samples.len() - 1],
+            bound
+        );
+        rows.insert(format!("{interval_ms}ms"), serde_json::json!({"min_ms": round2(samples[0]), "mean_ms": round2(mean), "max_ms": round2(samples[samples.len() - 1])}));
+    }
+    println!("{}", serde_json::Value::Object(rows));
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
@@ -329,6 +457,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the sealvol binary")?;
     if args.fio {
         return fio_compare(&exe, &args).await;
+    }
+    if args.revocation {
+        return revocation_figures(&exe, &args).await;
     }
     let scratch = ScratchNode::new(&exe, args.dir.as_deref())?;
     let (mut node, setup) = if args.key_mode == "none" {

@@ -242,10 +242,23 @@ async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
     let mut params = azure.params("keyvault-key");
     params.push(("csi.storage.k8s.io/pvc/name".into(), "cache-claim".into()));
     params.push(("csi.storage.k8s.io/pvc/namespace".into(), "default".into()));
-    let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let id = create_with(&mut c, "pvc-events", 32 * MIB, &refs).await;
     c.node.node_stage_volume(node.stage(&id)).await.unwrap();
-    let s = refused(c.node.node_publish_volume(publish_as(&node, &id, "bad", &azure.token("intruder"), "intruder")).await);
+    let s = refused(
+        c.node
+            .node_publish_volume(publish_as(
+                &node,
+                &id,
+                "bad",
+                &azure.token("intruder"),
+                "intruder",
+            ))
+            .await,
+    );
     assert_eq!(s.code(), Code::Unauthenticated);
     c.node.node_unstage_volume(node.unstage(&id)).await.unwrap();
     delete(&mut c, &id).await.unwrap();
@@ -257,10 +270,19 @@ async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
     }
     {
         let events = events.lock().unwrap();
-        let denied = events.iter().find(|e| e["reason"] == "KeyReleaseDenied").expect("a denial event");
+        let denied = events
+            .iter()
+            .find(|e| e["reason"] == "KeyReleaseDenied")
+            .expect("a denial event");
         assert_eq!(denied["involvedObject"]["name"], "pod-intruder");
-        assert!(denied["message"].as_str().unwrap().contains("AADSTS70021"), "{denied}");
-        let wiped = events.iter().find(|e| e["reason"] == "VolumeWiped").expect("a wipe event");
+        assert!(
+            denied["message"].as_str().unwrap().contains("AADSTS70021"),
+            "{denied}"
+        );
+        let wiped = events
+            .iter()
+            .find(|e| e["reason"] == "VolumeWiped")
+            .expect("a wipe event");
         assert_eq!(wiped["involvedObject"]["kind"], "PersistentVolumeClaim");
         assert_eq!(wiped["involvedObject"]["name"], "cache-claim");
         assert_eq!(wiped["type"], "Normal");

@@ -244,12 +244,16 @@ impl Manager {
             formatted: false,
             kms: req.params.kms.clone(),
             on_revoke: req.params.on_revoke,
-            owner: req.params.pvc.as_ref().map(|(namespace, name)| EventTarget {
-                kind: "PersistentVolumeClaim".into(),
-                namespace: namespace.clone(),
-                name: name.clone(),
-                uid: String::new(),
-            }),
+            owner: req
+                .params
+                .pvc
+                .as_ref()
+                .map(|(namespace, name)| EventTarget {
+                    kind: "PersistentVolumeClaim".into(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    uid: String::new(),
+                }),
         };
         self.create_file(disk, &record)?;
         tracing::info!(volume.id = %id, volume.name = %req.name, pool = %pool.name, capacity, "volume created");
@@ -1324,7 +1328,11 @@ impl Manager {
                 &format!(
                     "sealvol deleted volume {}: {} and its blocks released",
                     vol.id,
-                    if vol.record.key_mode == KeyMode::None { "its header erased" } else { "its wrapped key destroyed" }
+                    if vol.record.key_mode == KeyMode::None {
+                        "its header erased"
+                    } else {
+                        "its wrapped key destroyed"
+                    }
                 ),
             );
         }

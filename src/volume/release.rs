@@ -89,7 +89,9 @@ fn audit_denial(id: &VolumeId, auth: &PodAuth, kms: &KmsRecord, e: &VolumeError,
 fn is_denial(e: &VolumeError) -> bool {
     matches!(
         e,
-        VolumeError::Unauthenticated(_) | VolumeError::PermissionDenied(_) | VolumeError::FailedPrecondition(_)
+        VolumeError::Unauthenticated(_)
+            | VolumeError::PermissionDenied(_)
+            | VolumeError::FailedPrecondition(_)
     )
 }
 
@@ -163,7 +165,11 @@ impl KeyRelease {
         if let Err(e) = &checked {
             audit_denial(id, auth, kms, e, start);
             if is_denial(e) {
-                self.pod_event(auth, "KeyReleaseDenied", &format!("sealvol refused volume {id} to this pod: {e}"));
+                self.pod_event(
+                    auth,
+                    "KeyReleaseDenied",
+                    &format!("sealvol refused volume {id} to this pod: {e}"),
+                );
             }
         }
         checked
@@ -189,7 +195,11 @@ impl KeyRelease {
         if let Err(e) = &result {
             audit_denial(id, auth, &kms, e, start);
             if is_denial(e) {
-                self.pod_event(auth, "KeyReleaseDenied", &format!("sealvol refused volume {id}'s key to this pod: {e}"));
+                self.pod_event(
+                    auth,
+                    "KeyReleaseDenied",
+                    &format!("sealvol refused volume {id}'s key to this pod: {e}"),
+                );
             }
         }
         result
@@ -262,13 +272,33 @@ impl KeyRelease {
     }
 
     /// Posts an event on `target` in the background.
-    pub(crate) fn event(&self, target: &EventTarget, event_type: &str, reason: &str, message: &str) {
-        let Some(kube) = self.kube.clone() else { return };
-        let (target, event_type, reason, message) =
-            (target.clone(), event_type.to_string(), reason.to_string(), message.to_string());
+    pub(crate) fn event(
+        &self,
+        target: &EventTarget,
+        event_type: &str,
+        reason: &str,
+        message: &str,
+    ) {
+        let Some(kube) = self.kube.clone() else {
+            return;
+        };
+        let (target, event_type, reason, message) = (
+            target.clone(),
+            event_type.to_string(),
+            reason.to_string(),
+            message.to_string(),
+        );
         self.runtime.spawn(async move {
             if let Err(e) = kube
-                .event(&target.kind, &target.namespace, &target.name, &target.uid, &event_type, &reason, &message)
+                .event(
+                    &target.kind,
+                    &target.namespace,
+                    &target.name,
+                    &target.uid,
+                    &event_type,
+                    &reason,
+                    &message,
+                )
                 .await
             {
                 tracing::warn!(object = %target.name, error = %e, "could not post the event");
