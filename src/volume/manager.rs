@@ -693,6 +693,12 @@ impl Manager {
                         vol.id
                     )));
                 }
+                if locked {
+                    return Err(VolumeError::Unavailable(format!(
+                        "re-authorization failed ({reason}); volume {} stays locked until one succeeds",
+                        vol.id
+                    )));
+                }
                 Err(VolumeError::Unavailable(format!(
                     "re-authorization failed ({reason}); volume {} stays usable for {}s more",
                     vol.id,
