@@ -253,16 +253,26 @@ fn fio(dir: &str, rw: &str, bs: &str) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
+/// The Azure emulator with the demo's tenant, app identity and vault, and the scratch node set
+/// up to use it (not started yet): the node, the emulator and the vault's URL.
+fn with_emulator(
+    exe: &std::path::Path,
+    scratch: ScratchNode,
+    extra_flags: &[String],
+) -> anyhow::Result<(ScratchNode, EmulatorProcess, String)> {
+    let identity = [(crate::demo::APP_CLIENT, crate::demo::APP_OID, "app")];
+    let azure =
+        EmulatorProcess::start(exe, &scratch.root, &crate::demo::emulator_config(&identity))?;
+    let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
+    let mut flags = azure.node_args(crate::demo::TENANT);
+    flags.extend_from_slice(extra_flags);
+    let node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    Ok((node, azure, vault))
+}
+
 async fn fio_compare(exe: &std::path::Path, args: &BenchArgs) -> anyhow::Result<()> {
     let scratch = ScratchNode::new(exe, args.dir.as_deref())?;
-    let azure = EmulatorProcess::start(
-        exe,
-        &scratch.root,
-        &crate::demo::emulator_config(&[(crate::demo::APP_CLIENT, crate::demo::APP_OID, "app")]),
-    )?;
-    let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
-    let flags = azure.node_args(crate::demo::TENANT);
-    let mut node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let (mut node, azure, vault) = with_emulator(exe, scratch, &[])?;
     let mut client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
     let token = azure.mint_token("cluster", "demo", "app").await?;
     let encrypted = [
@@ -334,15 +344,8 @@ async fn time_to_lock(
     trial: usize,
 ) -> anyhow::Result<Duration> {
     let scratch = ScratchNode::new(exe, args.dir.as_deref())?;
-    let azure = EmulatorProcess::start(
-        exe,
-        &scratch.root,
-        &crate::demo::emulator_config(&[(crate::demo::APP_CLIENT, crate::demo::APP_OID, "app")]),
-    )?;
-    let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
-    let mut flags = azure.node_args(crate::demo::TENANT);
-    flags.push(format!("--reauthorize-interval={interval_ms}ms"));
-    let mut node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let interval = format!("--reauthorize-interval={interval_ms}ms");
+    let (mut node, azure, vault) = with_emulator(exe, scratch, &[interval])?;
     let mut client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
     let params = [
         ("keyMode", "keyvault-key"),
@@ -473,16 +476,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             },
         )
     } else {
-        let azure = EmulatorProcess::start(
-            &exe,
-            &scratch.root,
-            &crate::demo::emulator_config(&[(
-                crate::demo::APP_CLIENT,
-                crate::demo::APP_OID,
-                "app",
-            )]),
-        )?;
-        let vault = azure.vault_url("demo-kv").context("no vault")?.to_string();
+        let extra: Vec<String> = args
+            .reauthorize_interval
+            .iter()
+            .map(|i| format!("--reauthorize-interval={i}"))
+            .collect();
+        let (node, azure, vault) = with_emulator(&exe, scratch, &extra)?;
         let mut params = vec![
             ("keyMode".to_string(), args.key_mode.clone()),
             ("keyVaultURL".to_string(), vault),
@@ -493,11 +492,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             params.push(("keyName".into(), "kek".into()));
         }
-        let mut flags = azure.node_args(crate::demo::TENANT);
-        if let Some(interval) = &args.reauthorize_interval {
-            flags.push(format!("--reauthorize-interval={interval}"));
-        }
-        let node = scratch.with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
         (
             node,
             Setup {
