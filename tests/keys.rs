@@ -591,8 +591,9 @@ async fn fake_kube_api() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64
 async fn client_id_from_service_account_annotations() {
     let azure = Azure::start().await;
     let (api, hits) = fake_kube_api().await;
-    let token_file =
-        std::env::temp_dir().join(format!("sealvol-kube-token-{}", std::process::id()));
+    // Removed on drop, also when the test fails.
+    let token = tempfile::NamedTempFile::new().unwrap();
+    let token_file = token.path().to_path_buf();
     std::fs::write(&token_file, "driver-sa-token\n").unwrap();
     let flags = [
         format!("--kube-api-url={api}"),
@@ -650,7 +651,6 @@ async fn client_id_from_service_account_annotations() {
     c.node.node_unstage_volume(node.unstage(&id)).await.unwrap();
     delete(&mut c, &id).await.unwrap();
     assert_clean(&node);
-    let _ = std::fs::remove_file(token_file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

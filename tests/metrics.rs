@@ -56,8 +56,9 @@ fn value(text: &str, prefix: &str) -> f64 {
 async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
     let azure = Azure::start().await;
     let (api, events) = event_sink().await;
-    let token_file =
-        std::env::temp_dir().join(format!("sealvol-metrics-token-{}", std::process::id()));
+    // Removed on drop, also when the test fails.
+    let token = tempfile::NamedTempFile::new().unwrap();
+    let token_file = token.path().to_path_buf();
     std::fs::write(&token_file, "driver-sa-token").unwrap();
     let flags = [
         "--metrics-address=127.0.0.1:0".to_string(),
@@ -288,5 +289,4 @@ async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
         assert_eq!(wiped["type"], "Normal");
     }
     assert_clean(&node);
-    let _ = std::fs::remove_file(token_file);
 }
