@@ -72,6 +72,29 @@ fn parse_bytes(s: &str) -> anyhow::Result<i64> {
     n.checked_mul(mult).context("--size overflows")
 }
 
+/// What kubelet and external-provisioner do when the pod and its claim go: unpublish, unstage,
+/// delete.
+async fn teardown(
+    client: &mut CsiClient,
+    node: &ScratchNode,
+    id: String,
+    pod: &str,
+) -> anyhow::Result<()> {
+    client
+        .node
+        .node_unpublish_volume(node.unpublish(&id, pod))
+        .await?;
+    client.node.node_unstage_volume(node.unstage(&id)).await?;
+    client
+        .controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            secrets: Default::default(),
+        })
+        .await?;
+    Ok(())
+}
+
 async fn lifecycle(
     mut client: CsiClient,
     node: Arc<ScratchNode>,
@@ -121,18 +144,7 @@ async fn lifecycle(
         republish.push(start.elapsed());
     }
     let start = Instant::now();
-    client
-        .node
-        .node_unpublish_volume(node.unpublish(&id, &pod))
-        .await?;
-    client.node.node_unstage_volume(node.unstage(&id)).await?;
-    client
-        .controller
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id,
-            secrets: Default::default(),
-        })
-        .await?;
+    teardown(&mut client, &node, id, &pod).await?;
     Ok(Lifecycle {
         ready,
         teardown: start.elapsed(),
@@ -397,18 +409,7 @@ async fn time_to_lock(
             _ => tokio::time::sleep(period).await,
         }
     };
-    client
-        .node
-        .node_unpublish_volume(node.unpublish(&id, "pod"))
-        .await?;
-    client.node.node_unstage_volume(node.unstage(&id)).await?;
-    client
-        .controller
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id,
-            secrets: Default::default(),
-        })
-        .await?;
+    teardown(&mut client, &node, id, "pod").await?;
     node.kill();
     Ok(locked)
 }

@@ -335,15 +335,7 @@ fn create_key(ctx: &Ctx, name: &str, body: &Value) -> Response {
         kty: body["kty"].as_str().unwrap_or("RSA").to_string(),
         size: body["key_size"].as_u64().map(|s| s as u32),
     };
-    let mut state = ctx.shared.lock();
-    match state.create_key(&ctx.vault, &spec) {
-        Ok(v) => {
-            let _ = state.save();
-            drop(state);
-            Json(key_bundle(ctx, name, &v)).into_response()
-        }
-        Err(e) => error(StatusCode::BAD_REQUEST, "BadParameter", &e, None),
-    }
+    new_key_version(ctx, name, &spec)
 }
 
 fn rotate_key(ctx: &Ctx, name: &str) -> Response {
@@ -362,8 +354,13 @@ fn rotate_key(ctx: &Ctx, name: &str) -> Response {
         kty: latest.kty.clone(),
         size: size.or(Some(256)),
     };
+    new_key_version(ctx, name, &spec)
+}
+
+/// Creates a key, or its next version (rotation), persists the state, and answers the bundle.
+fn new_key_version(ctx: &Ctx, name: &str, spec: &KeySpec) -> Response {
     let mut state = ctx.shared.lock();
-    match state.create_key(&ctx.vault, &spec) {
+    match state.create_key(&ctx.vault, spec) {
         Ok(v) => {
             let _ = state.save();
             drop(state);
