@@ -1,25 +1,36 @@
 //! The lifecycle of a volume: create, stage, publish, unpublish, unstage, delete, expand,
 //! stats, and the recovery that makes every step safe to repeat after a crash.
 
+mod authorization;
 mod crash;
+mod create;
+mod destroy;
 mod error;
+mod expand;
 mod header;
 mod id;
+mod inline;
 mod lock;
 mod manager;
 mod params;
 mod paths;
+mod publish;
+mod recover;
 mod release;
+mod stage;
 
+pub(crate) use create::{CreateRequest, VolumeSummary, volume_context};
 pub(crate) use error::VolumeError;
 pub(crate) use id::VolumeId;
-pub(crate) use manager::{
-    CreateRequest, Manager, NodeSettings, PublishRequest, TOPOLOGY_KEY, VolumeSummary,
-    volume_context,
+use manager::{
+    INLINE_DIR, Volume, invalid, io_err, is_data_mount_of, is_fs_mount_of, not_found, now_unix,
+    publications, write_header,
 };
+pub(crate) use manager::{Manager, NodeSettings, TOPOLOGY_KEY};
 pub(crate) use params::{
     AccessMode, Capability, CapacityRange, VolumeParams, check_fs_type, parse_mount_flags,
 };
+pub(crate) use publish::PublishRequest;
 pub(crate) use release::{KeyRelease, PodAuth};
 
 /// The fscrypt key identifier recorded in the header of the volume file at `path`, if any.

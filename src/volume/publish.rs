@@ -1,0 +1,223 @@
+//! NodePublishVolume and NodeUnpublishVolume, read top to bottom: authorize the pod, unlock
+//! the volume's key into its filesystem, bind-mount `data/` at the target; and the reverse.
+
+use std::path::Path;
+
+use super::authorization::Authorization;
+use super::id::VolumeId;
+use super::params::{AccessMode, Capability, KeyMode, Lifecycle, VolumeParams};
+use super::paths::check_under;
+use super::release::{self, PodAuth};
+use super::{
+    Manager, Volume, VolumeError, crash, invalid, io_err, is_data_mount_of, is_fs_mount_of,
+    not_found, publications, write_header,
+};
+use crate::crypt;
+use crate::sys::{self, AttachedLoop, MountTable};
+
+/// A validated NodePublishVolume.
+#[derive(Debug, Clone)]
+pub(crate) struct PublishRequest {
+    pub(crate) id: VolumeId,
+    pub(crate) target: String,
+    pub(crate) staging: Option<String>,
+    pub(crate) read_only: bool,
+    pub(crate) capability: Capability,
+    /// Set for a CSI inline ephemeral volume: its parameters and size.
+    pub(crate) inline: Option<(VolumeParams, u64)>,
+    /// The publishing pod's token and name, for an encrypted volume's key release.
+    pub(crate) auth: PodAuth,
+}
+
+impl Manager {
+    /// Bind-mounts the volume's data directory at the target path (read-only if asked). For a
+    /// CSI inline volume, first creates and stages the volume.
+    pub(crate) fn publish(&self, req: &PublishRequest) -> Result<(), VolumeError> {
+        let target = check_under(&req.target, &self.settings.kubelet_dir, "target_path")?;
+        if let Some((params, size)) = &req.inline {
+            return self.publish_inline(req, &target, params, *size);
+        }
+        let staging = req
+            .staging
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    "staging_target_path",
+                    "is required: sealvol stages volumes before publishing them",
+                )
+            })?;
+        let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
+        let _guard = self.lock(&req.id)?;
+        let mut vol = self.load(&req.id)?.ok_or_else(|| not_found(&req.id))?;
+        let table = MountTable::read()?;
+        let staged = sys::find_loop_for(&vol.file.path)?
+            .filter(|l| table.at(&staging).is_some_and(|m| is_fs_mount_of(m, l)));
+        let Some(device) = staged else {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {} is not staged at {}",
+                req.id,
+                staging.display()
+            )));
+        };
+        self.publish_staged(&mut vol, &device, &staging, &target, req)
+    }
+
+    /// The common end of a publish: an encrypted volume's key is released to this pod (or, on
+    /// a republish of the same target, the pod's token is confirmed), then the bind mount.
+    pub(super) fn publish_staged(
+        &self,
+        vol: &mut Volume,
+        device: &AttachedLoop,
+        staging: &Path,
+        target: &Path,
+        req: &PublishRequest,
+    ) -> Result<(), VolumeError> {
+        let table = MountTable::read()?;
+        let republish = table
+            .at(target)
+            .is_some_and(|m| is_data_mount_of(m, device));
+        if vol.record.key_mode != KeyMode::None {
+            if republish {
+                self.reauthorize_if_due(vol, staging, target, req)?;
+            } else {
+                let before = vol.record.clone();
+                let (id, file, generation) =
+                    (vol.id.clone(), vol.file.path.clone(), vol.generation);
+                let mut generation_after = generation;
+                self.release
+                    .unlock(&id, &mut vol.record, staging, &req.auth, |record| {
+                        generation_after = write_header(&id, &file, record, generation)?;
+                        Ok(())
+                    })?;
+                vol.generation = generation_after;
+                if vol.record != before {
+                    self.save(vol)?;
+                }
+            }
+        }
+        let bound = self.bind_at(vol, device, &table, staging, target, req);
+        if bound.is_ok() && vol.record.key_mode != KeyMode::None && !republish {
+            self.set_authorization(&vol.id, target, Authorization::now());
+        }
+        if bound.is_err() && vol.record.key_mode != KeyMode::None && !republish {
+            // Nothing is published: the key goes again.
+            let table = MountTable::read()?;
+            if publications(&table, device).next().is_none() {
+                release::evict(&vol.id, &vol.record, staging)?;
+            }
+        }
+        bound
+    }
+
+    pub(super) fn bind_at(
+        &self,
+        vol: &Volume,
+        device: &AttachedLoop,
+        table: &MountTable,
+        staging: &Path,
+        target: &Path,
+        req: &PublishRequest,
+    ) -> Result<(), VolumeError> {
+        let read_only = req.read_only || req.capability.access_mode.read_only();
+        if let Some(m) = table.at(target) {
+            if is_data_mount_of(m, device) {
+                if m.read_only == read_only {
+                    tracing::debug!(volume.id = %vol.id, "already published");
+                    return Ok(());
+                }
+                if read_only {
+                    // A crash between the bind and its read-only remount: finish it.
+                    sys::remount_bind_readonly(target)?;
+                    return Ok(());
+                }
+                return Err(VolumeError::AlreadyExists(format!(
+                    "target_path {} is already published read-only",
+                    target.display()
+                )));
+            }
+            return Err(VolumeError::AlreadyExists(format!(
+                "target_path {} already holds another mount ({})",
+                target.display(),
+                m.source
+            )));
+        }
+        if req.capability.access_mode == AccessMode::SingleNodeSingleWriter
+            && let Some(other) = publications(table, device).next()
+        {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                vol.id,
+                other.mount_point.display()
+            )));
+        }
+        std::fs::create_dir_all(target).map_err(io_err("mkdir", target))?;
+        sys::bind_mount(&staging.join(crypt::DATA_DIR), target)?;
+        crash::point("publish.bound");
+        if read_only && let Err(e) = sys::remount_bind_readonly(target) {
+            let _ = sys::unmount(target, false);
+            return Err(e.into());
+        }
+        tracing::info!(volume.id = %vol.id, target.path = %target.display(), read_only, "volume published");
+        Ok(())
+    }
+
+    /// Unmounts the target path and removes it. For a CSI inline volume whose last
+    /// publication this was, also unstages, deletes and wipes the volume.
+    pub(crate) fn unpublish(&self, id: &VolumeId, target: &str) -> Result<(), VolumeError> {
+        let target = check_under(target, &self.settings.kubelet_dir, "target_path")?;
+        let _guard = self.lock(id)?;
+        let vol = self.load(id)?;
+        let table = MountTable::read()?;
+        if let Some(m) = table.at(&target) {
+            let Some(vol) = &vol else {
+                return Err(VolumeError::NotFound(format!(
+                    "volume {id} does not exist, and {} holds a mount of something else",
+                    target.display()
+                )));
+            };
+            let ours = sys::find_loop_for(&vol.file.path)?.is_some_and(|l| is_data_mount_of(m, &l));
+            if !ours {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "target_path {} holds a mount ({}) that is not volume {id}",
+                    target.display(),
+                    m.source
+                )));
+            }
+            sys::unmount(&target, false)?;
+            crash::point("unpublish.unmounted");
+            self.forget_authorization(id, &target);
+            tracing::info!(volume.id = %id, target.path = %target.display(), "volume unpublished");
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(target.path = %target.display(), error = %e, "could not remove the target directory")
+            }
+        }
+        let Some(vol) = vol else { return Ok(()) };
+        let table = MountTable::read()?;
+        let device = sys::find_loop_for(&vol.file.path)?;
+        let still_published = device
+            .as_ref()
+            .is_some_and(|l| publications(&table, l).next().is_some());
+        if still_published {
+            return Ok(());
+        }
+        if vol.record.lifecycle == Lifecycle::Ephemeral {
+            self.teardown_inline(&vol)?;
+            tracing::info!(volume.id = %id, wipe = vol.record.wipe.as_str(), "inline volume deleted and wiped");
+        } else if let Some(fs) = device.and_then(|l| {
+            table
+                .entries()
+                .iter()
+                .find(|m| is_fs_mount_of(m, &l))
+                .map(|m| m.mount_point.clone())
+        }) {
+            // The last publication is gone: so is the key.
+            release::evict(&vol.id, &vol.record, &fs)?;
+        }
+        Ok(())
+    }
+}

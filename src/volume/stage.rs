@@ -1,0 +1,184 @@
+//! NodeStageVolume and NodeUnstageVolume: the volume's file on a loop device (direct I/O,
+//! past the header), ext4 made once, mounted at the staging path with its `data/` directory;
+//! and NodeGetVolumeStats. State is read from the kernel on every call.
+
+use std::path::Path;
+
+use super::header::HEADER_BYTES;
+use super::id::VolumeId;
+use super::params::{Capability, Lifecycle};
+use super::paths::check_under;
+use super::release;
+use super::{
+    Manager, Volume, VolumeError, crash, io_err, is_data_mount_of, is_fs_mount_of, not_found,
+    publications,
+};
+use crate::crypt;
+use crate::sys::{self, FsUsage, LoopDevice, MountFlags, MountTable};
+
+/// NodeGetVolumeStats' answer: usage when mounted, and the reason when abnormal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeStats {
+    pub(crate) usage: Option<FsUsage>,
+    pub(crate) abnormal: Option<String>,
+}
+
+impl Manager {
+    /// Attaches the volume's file to a loop device, creates ext4 the first time, and mounts it
+    /// at the staging path.
+    pub(crate) fn stage(
+        &self,
+        id: &VolumeId,
+        staging: &str,
+        capability: &Capability,
+    ) -> Result<(), VolumeError> {
+        let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
+        let _guard = self.lock(id)?;
+        let mut vol = self.load(id)?.ok_or_else(|| not_found(id))?;
+        if vol.record.lifecycle == Lifecycle::Ephemeral {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {id} is a CSI inline volume; it is published without staging"
+            )));
+        }
+        self.stage_at(&mut vol, &staging, capability.mount_flags)
+    }
+
+    pub(super) fn stage_at(
+        &self,
+        vol: &mut Volume,
+        at: &Path,
+        flags: MountFlags,
+    ) -> Result<(), VolumeError> {
+        let table = MountTable::read()?;
+        let attached = sys::find_loop_for(&vol.file.path)?;
+        if let Some(m) = table.at(at) {
+            if attached.as_ref().is_some_and(|l| is_fs_mount_of(m, l)) {
+                // A crash may have come between the mount and the data directory.
+                crypt::ensure_data_dir(at)?;
+                tracing::debug!(volume.id = %vol.id, "already staged");
+                return Ok(());
+            }
+            return Err(VolumeError::AlreadyExists(format!(
+                "staging_target_path {} already holds another mount ({})",
+                at.display(),
+                m.source
+            )));
+        }
+        if let Some(l) = &attached
+            && let Some(other) = table.entries().iter().find(|m| is_fs_mount_of(m, l))
+        {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {} is already staged at {}",
+                vol.id,
+                other.mount_point.display()
+            )));
+        }
+        let device = match attached {
+            Some(l) => LoopDevice::open_existing(l.number, &vol.file.path)?,
+            None => None,
+        };
+        let device = match device {
+            Some(d) => d,
+            None => LoopDevice::attach(&vol.file.path, HEADER_BYTES)?,
+        };
+        crash::point("stage.attached");
+        if !vol.record.formatted {
+            crypt::format(&self.tools, &device.path())?;
+            vol.record.formatted = true;
+            self.save(vol)?;
+            crash::point("stage.formatted");
+        }
+        std::fs::create_dir_all(at).map_err(io_err("mkdir", at))?;
+        sys::mount_fs(&device.path(), at, "ext4", flags)?;
+        crash::point("stage.mounted");
+        if let Err(e) = crypt::ensure_data_dir(at) {
+            let _ = sys::unmount(at, false);
+            return Err(e.into());
+        }
+        tracing::info!(volume.id = %vol.id, staging.path = %at.display(), device = %device.path().display(), "volume staged");
+        Ok(())
+    }
+
+    /// Unmounts the staging path and frees the loop device. Refused while the volume is still
+    /// published somewhere on this node.
+    pub(crate) fn unstage(&self, id: &VolumeId, staging: &str) -> Result<(), VolumeError> {
+        let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
+        let _guard = self.lock(id)?;
+        let vol = self.load(id)?.ok_or_else(|| not_found(id))?;
+        self.unstage_at(&vol, &staging)
+    }
+
+    pub(super) fn unstage_at(&self, vol: &Volume, at: &Path) -> Result<(), VolumeError> {
+        let table = MountTable::read()?;
+        let Some(m) = table.at(at) else {
+            tracing::debug!(volume.id = %vol.id, "already unstaged");
+            return self.release_loop(vol);
+        };
+        let attached = sys::find_loop_for(&vol.file.path)?;
+        let Some(l) = attached.filter(|l| is_fs_mount_of(m, l)) else {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "{} holds a mount ({}) that is not volume {}",
+                at.display(),
+                m.source,
+                vol.id
+            )));
+        };
+        let published: Vec<String> = publications(&table, &l)
+            .map(|p| p.mount_point.display().to_string())
+            .collect();
+        if !published.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {} is still published at {}; unpublish it first",
+                vol.id,
+                published.join(", ")
+            )));
+        }
+        // Normally gone with the last publication; after a crash it may still be there.
+        release::evict(&vol.id, &vol.record, at)?;
+        sys::unmount(at, false)?;
+        crash::point("unstage.unmounted");
+        self.release_loop(vol)?;
+        tracing::info!(volume.id = %vol.id, staging.path = %at.display(), "volume unstaged");
+        Ok(())
+    }
+
+    /// Usage of the volume mounted at `path` (its staging or a target path), and whether it is
+    /// healthy: abnormal when the loop device or the mount is gone.
+    pub(crate) fn stats(&self, id: &VolumeId, path: &str) -> Result<VolumeStats, VolumeError> {
+        let path = check_under(path, &self.settings.kubelet_dir, "volume_path")?;
+        let vol = self.load(id)?.ok_or_else(|| not_found(id))?;
+        if !path.exists() {
+            return Err(VolumeError::NotFound(format!(
+                "volume_path {} does not exist",
+                path.display()
+            )));
+        }
+        let table = MountTable::read()?;
+        let Some(device) = sys::find_loop_for(&vol.file.path)? else {
+            return Ok(VolumeStats {
+                usage: None,
+                abnormal: Some(format!("volume {id} has no loop device: it is not staged")),
+            });
+        };
+        match table.at(&path) {
+            Some(m) if is_fs_mount_of(m, &device) || is_data_mount_of(m, &device) => {
+                Ok(VolumeStats {
+                    usage: Some(sys::statvfs(&path)?),
+                    abnormal: None,
+                })
+            }
+            Some(m) => Ok(VolumeStats {
+                usage: None,
+                abnormal: Some(format!(
+                    "{} holds another mount ({})",
+                    path.display(),
+                    m.source
+                )),
+            }),
+            None => Ok(VolumeStats {
+                usage: None,
+                abnormal: Some(format!("volume {id} is not mounted at {}", path.display())),
+            }),
+        }
+    }
+}
