@@ -6,7 +6,9 @@ is a valid Kubernetes object, with no unknown field, is checked in Rust against 
 tests/manifests.rs.)
 """
 
+import glob
 import os
+import re
 import sys
 import unittest
 
@@ -17,6 +19,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 import render  # noqa: E402
 
 ERROR = 3
+
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+PLACEHOLDER_ID = "00000000-0000-0000-0000-000000000000"
+EMULATOR_CONFIG = os.path.join(render.ROOT, "hack", "azure-emulator", "example-config.yaml")
+
+
+def emulator_test_ids():
+    """The client and object ids of the identities the emulator's example configuration defines
+    (its tenant id is not among them: a tenant id in an example must be the placeholder)."""
+    with open(EMULATOR_CONFIG) as fh:
+        config = yaml.safe_load(fh)
+    ids = set()
+    for tenant in config.get("tenants", []):
+        for identity in tenant.get("identities", []):
+            ids.update(str(identity[k]).lower() for k in ("client_id", "object_id") if k in identity)
+    return ids
 
 
 def objects(values):
@@ -140,6 +158,22 @@ class Chart(unittest.TestCase):
             for r in role["rules"]:
                 self.assertNotIn("*", r["verbs"])
                 self.assertNotIn("secrets", r["resources"], "the driver reads no Kubernetes secret")
+
+    def test_examples_name_no_real_looking_ids(self):
+        # A tenant or client id copied from an example must fail as a placeholder, not reach a
+        # real tenant (72f988bf-86f1-41af-91ab-2d7cd011db47 is Microsoft's own: AADSTS700016).
+        allowed = {PLACEHOLDER_ID} | emulator_test_ids()
+        paths = sorted(glob.glob(os.path.join(render.ROOT, "deploy", "**", "*.yaml"), recursive=True)
+                       + glob.glob(os.path.join(render.CHART, "examples", "*.yaml"))
+                       + [os.path.join(render.CHART, "values.yaml")])
+        self.assertTrue(any("/deploy/examples/" in p for p in paths), "deploy/examples/ was scanned")
+        for path in paths:
+            with open(path) as fh:
+                for n, line in enumerate(fh, 1):
+                    for found in GUID.findall(line):
+                        self.assertIn(found.lower(), allowed,
+                                      f"{os.path.relpath(path, render.ROOT)}:{n}: {found} looks like a real id; "
+                                      f"use {PLACEHOLDER_ID}")
 
     def test_deploy_is_up_to_date_with_the_chart(self):
         for path, text in render.outputs().items():
