@@ -98,6 +98,9 @@ impl ScratchNode {
             .arg(format!("--pool=default={}", self.pool_dir.display()))
             .arg(format!("--state-dir={}", self.state_dir.display()))
             .arg(format!("--kubelet-dir={}", self.kubelet_dir.display()))
+            // Tests use unencrypted volumes where encryption is not the point; a test of the
+            // policy's default names the flag again (the last one wins).
+            .arg("--allowed-key-modes=none,keyvault-key,keyvault-secret")
             .args(&self.extra_args)
             .env_remove("SEALVOL_CRASH_AT")
             .env_remove("SEALVOL_PAUSE_AT")
@@ -490,6 +493,15 @@ pub mod azure {
                 format!("--ca-file={}", self.ca_file.display()),
                 format!("--tenant-id={tenant}"),
                 "--keyvault-verify-challenge=false".to_string(),
+                format!(
+                    "--allowed-vault-hosts={}",
+                    self.vaults
+                        .iter()
+                        .filter_map(|(_, url)| url.strip_prefix("https://"))
+                        .map(|h| h.trim_end_matches('/'))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
             ]
         }
 

@@ -19,3 +19,8 @@ pub mod harness;
 pub mod proto;
 
 pub use node::{NodeConfig, StartError, run_node};
+
+/// The default of `--allowed-vault-hosts`.
+pub fn default_vault_hosts() -> String {
+    volume::default_vault_hosts()
+}

@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "sealvol",
     version,
-    about = "Identity-gated, encrypted, ephemeral local storage for Kubernetes"
+    about = "Identity-gated, encrypted, ephemeral local storage for Kubernetes",
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -104,6 +105,21 @@ struct NodeArgs {
     /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Key modes volumes may use on this node, comma-separated; `none` (no encryption, no
+    /// identity) only when named here.
+    #[arg(long, default_value = "keyvault-key,keyvault-secret")]
+    allowed_key_modes: String,
+    /// Vault hosts volumes may name, comma-separated: a host, a suffix matched on a label
+    /// boundary (.vault.azure.net), or an IP literal, each with an optional :port (else 443
+    /// only). Default: Key Vault and Managed HSM in Azure's public and sovereign clouds.
+    #[arg(long, default_value_t = sealvol::default_vault_hosts())]
+    allowed_vault_hosts: String,
+    /// Pools inline volumes may use, comma-separated (default: the default pool only).
+    #[arg(long, value_delimiter = ',')]
+    inline_pools: Vec<String>,
+    /// The largest inline volume a pod may ask for (e.g. 10Gi).
+    #[arg(long, default_value = "10Gi")]
+    inline_max_size: String,
 }
 
 /// "250ms", "30s", "5m", "1h", or a plain number of seconds.
@@ -187,6 +203,10 @@ fn main() -> anyhow::Result<()> {
                 kube_ca_file: a.kube_ca_file,
                 service_account_lookup: a.service_account_lookup,
                 metrics_address: a.metrics_address,
+                allowed_key_modes: a.allowed_key_modes,
+                allowed_vault_hosts: a.allowed_vault_hosts,
+                inline_pools: a.inline_pools,
+                inline_max_size: a.inline_max_size,
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
             Ok(())

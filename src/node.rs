@@ -13,7 +13,9 @@ use crate::identity::{Entra, KubeApi};
 use crate::keys::KeyVault;
 use crate::pool::{PoolError, PoolSpec, Pools};
 use crate::sys::{SysError, Tools};
-use crate::volume::{KeyRelease, Manager, NodeSettings, VolumeError};
+use crate::volume::{
+    KeyRelease, Manager, NodePolicy, NodeSettings, VolumeError, parse_host_rules, parse_key_modes,
+};
 
 /// Everything `sealvol node` needs, as parsed from its flags.
 #[derive(Debug, Clone)]
@@ -51,6 +53,11 @@ pub struct NodeConfig {
     pub service_account_lookup: bool,
     /// Serve /metrics and /healthz here (port 0: any; the address is logged).
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// The node policy: key modes, vault hosts, and inline volumes' pools and largest size.
+    pub allowed_key_modes: String,
+    pub allowed_vault_hosts: String,
+    pub inline_pools: Vec<String>,
+    pub inline_max_size: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +85,8 @@ pub enum StartError {
     Http(String),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("{0}")]
+    Policy(String),
 }
 
 impl From<VolumeError> for StartError {
@@ -104,13 +113,7 @@ fn azure_client_options(ca_file: Option<&std::path::Path>) -> Result<ClientOptio
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15));
     if let Some(path) = ca_file {
-        let err = |reason: String| StartError::CaFile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
-        builder = builder.tls_certs_merge(certs);
+        builder = builder.tls_certs_merge(read_ca(path)?);
     }
     let http = builder
         .build()
@@ -124,6 +127,40 @@ fn azure_client_options(ca_file: Option<&std::path::Path>) -> Result<ClientOptio
             max_delay: azure_core::time::Duration::seconds(2),
         }),
         ..ClientOptions::default()
+    })
+}
+
+/// The HTTPS client for Key Vault: the same trust roots as Entra's, and no idle connections,
+/// so that no pooled connection's buffers keep a copy of the key material a request carried.
+fn key_vault_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, StartError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .pool_max_idle_per_host(0);
+    if let Some(path) = ca_file {
+        builder = builder.tls_certs_merge(read_ca(path)?);
+    }
+    builder.build().map_err(|e| StartError::Http(e.to_string()))
+}
+
+fn read_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, StartError> {
+    let err = |reason: String| StartError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))
+}
+
+fn node_policy(cfg: &NodeConfig) -> Result<NodePolicy, StartError> {
+    let inline_max_bytes = crate::volume::parse_size(&cfg.inline_max_size)
+        .map_err(|e| StartError::Policy(format!("--inline-max-size: {e}")))?;
+    Ok(NodePolicy {
+        allowed_key_modes: parse_key_modes(&cfg.allowed_key_modes).map_err(StartError::Policy)?,
+        allowed_vault_hosts: parse_host_rules(&cfg.allowed_vault_hosts)
+            .map_err(StartError::Policy)?,
+        inline_pools: cfg.inline_pools.clone(),
+        inline_max_bytes,
     })
 }
 
@@ -233,15 +270,17 @@ pub async fn run_node(
         std::fs::create_dir_all(path).map_err(err)?;
         path.canonicalize().map_err(err)
     };
+    let policy = node_policy(&cfg)?;
     let state_dir = dir("--state-dir", &cfg.state_dir)?;
     let kubelet_dir = dir("--kubelet-dir", &cfg.kubelet_dir)?;
     let pools = tokio::task::block_in_place(|| {
         Pools::open(&specs, &state_dir, &tools, cfg.take_over_disks)
     })?;
     let azure = azure_client_options(cfg.ca_file.as_deref())?;
+    let key_vault_http = key_vault_client(cfg.ca_file.as_deref())?;
     let release = KeyRelease {
         entra: Entra::new(&cfg.authority_host, azure.clone()),
-        vault: KeyVault::new(azure, cfg.keyvault_verify_challenge),
+        vault: KeyVault::new(key_vault_http, cfg.keyvault_verify_challenge),
         default_tenant: cfg.tenant_id.clone(),
         kube: kube_api(&cfg)?,
         runtime: tokio::runtime::Handle::current(),
@@ -255,6 +294,7 @@ pub async fn run_node(
             token_audience: cfg.token_audience.clone(),
             reauthorize_interval: cfg.reauthorize_interval,
             revoke_grace: cfg.revoke_grace,
+            policy,
         },
         pools,
         tools,

@@ -77,6 +77,7 @@ impl csi::node_server::Node for NodeService {
                 pod_name: context("csi.storage.k8s.io/pod.name"),
                 pod_namespace: context("csi.storage.k8s.io/pod.namespace"),
                 pod_uid: context("csi.storage.k8s.io/pod.uid"),
+                service_account: context("csi.storage.k8s.io/serviceAccount.name"),
             };
             manager.publish(&PublishRequest {
                 id,

@@ -72,6 +72,39 @@ impl KubeApi {
         })
     }
 
+    /// Evicts a pod through the Eviction API (`pods/eviction` create), which honours its
+    /// PodDisruptionBudget. A pod already gone is evicted.
+    pub(crate) async fn evict(&self, namespace: &str, name: &str) -> Result<(), IdentityError> {
+        let unavailable = |e: String| {
+            IdentityError::ApiUnavailable(format!("evicting pod {namespace}/{name}: {e}"))
+        };
+        let token =
+            std::fs::read_to_string(&self.token_file).map_err(|e| unavailable(e.to_string()))?;
+        let url = format!(
+            "{}/api/v1/namespaces/{}/pods/{}/eviction",
+            self.base_url,
+            path_segment(namespace),
+            path_segment(name)
+        );
+        let body = serde_json::json!({
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        });
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(token.trim())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        match resp.status().as_u16() {
+            200..=299 | 404 => Ok(()),
+            s => Err(unavailable(format!("HTTP {s}"))),
+        }
+    }
+
     /// Posts an event about an object (`kind` Pod or PersistentVolumeClaim).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn event(
@@ -99,7 +132,11 @@ impl KubeApi {
             "lastTimestamp": now,
             "count": 1,
         });
-        let url = format!("{}/api/v1/namespaces/{namespace}/events", self.base_url);
+        let url = format!(
+            "{}/api/v1/namespaces/{}/events",
+            self.base_url,
+            path_segment(namespace)
+        );
         let resp = self
             .http
             .post(url)
@@ -138,8 +175,10 @@ impl KubeApi {
         let token =
             std::fs::read_to_string(&self.token_file).map_err(|e| unavailable(e.to_string()))?;
         let url = format!(
-            "{}/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-            self.base_url
+            "{}/api/v1/namespaces/{}/serviceaccounts/{}",
+            self.base_url,
+            path_segment(namespace),
+            path_segment(name)
         );
         let resp = self
             .http
@@ -171,5 +210,31 @@ impl KubeApi {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, (Instant::now(), found.clone()));
         Ok(found)
+    }
+}
+
+/// `s` as one URL path segment: every byte but RFC 3986's unreserved ones percent-encoded, so
+/// that a name from a request can never add a segment or a query.
+pub(crate) fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_one_path_segment() {
+        assert_eq!(path_segment("default"), "default");
+        assert_eq!(path_segment("../x?y=1"), "..%2Fx%3Fy%3D1");
+        assert_eq!(path_segment("a b#"), "a%20b%23");
     }
 }

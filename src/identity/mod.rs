@@ -25,8 +25,28 @@ use azure_identity::{
     ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
 };
 
-/// The scope of a Key Vault access token.
-pub(crate) const KEYVAULT_SCOPE: &str = "https://vault.azure.net/.default";
+/// Entra's definitive refusals of a client assertion (AADSTS codes): the pod's identity is not
+/// (or no longer) allowed, and asking again will not change that. Every other answer (429,
+/// 5xx, `temporarily_unavailable`, transient codes such as 90033 and 90006, codes not listed
+/// here, no connection) is treated as Entra's trouble, not the pod's. docs/operations.md has
+/// the table.
+pub(crate) const DEFINITIVE_AADSTS: &[u32] = &[
+    50013,   // InvalidAssertion: expired, malformed, or issuer and API mismatch
+    50027,   // InvalidJwtToken
+    70011,   // InvalidScope
+    70021,   // no matching federated identity record
+    700016,  // application not found in the tenant
+    700024,  // client assertion not within its valid time range
+    700027,  // client assertion failed signature validation
+    700211,  // no matching federated identity record for the issuer
+    700212,  // ... for the audience
+    700213,  // ... for the subject
+    7000112, // application disabled
+    7000272, // signing key not in the issuer's JWKS
+    90002,   // tenant not found
+    900023,  // tenant identifier not valid
+    500011,  // resource principal not found (invalid_resource)
+];
 /// A cached token is used until this long before it expires.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(300);
 
@@ -59,6 +79,7 @@ struct CacheKey {
     namespace: String,
     service_account: String,
     token_digest: [u8; 32],
+    scope: String,
 }
 
 /// The pod's token as the credential's client assertion, straight from memory.
@@ -88,15 +109,16 @@ impl Entra {
         }
     }
 
-    /// A Key Vault access token for `pod` acting as `client_id` in `tenant`; from the cache
-    /// when a valid one is there.
+    /// An access token for `scope` (a vault's resource) for `pod` acting as `client_id` in
+    /// `tenant`; from the cache when a valid one is there.
     pub(crate) async fn access_token(
         &self,
         tenant: &str,
         client_id: &str,
         pod: &PodToken,
+        scope: &str,
     ) -> Result<AccessToken, IdentityError> {
-        self.exchange(tenant, client_id, pod, true).await
+        self.exchange(tenant, client_id, pod, scope, true).await
     }
 
     /// A new exchange, whatever the cache holds (and the cache refreshed): re-authorization
@@ -106,8 +128,9 @@ impl Entra {
         tenant: &str,
         client_id: &str,
         pod: &PodToken,
+        scope: &str,
     ) -> Result<AccessToken, IdentityError> {
-        self.exchange(tenant, client_id, pod, false).await
+        self.exchange(tenant, client_id, pod, scope, false).await
     }
 
     async fn exchange(
@@ -115,6 +138,7 @@ impl Entra {
         tenant: &str,
         client_id: &str,
         pod: &PodToken,
+        scope: &str,
         use_cache: bool,
     ) -> Result<AccessToken, IdentityError> {
         pod.check_time()?;
@@ -124,6 +148,7 @@ impl Entra {
             namespace: pod.namespace().to_string(),
             service_account: pod.service_account().to_string(),
             token_digest: pod.digest(),
+            scope: scope.to_string(),
         };
         let now = OffsetDateTime::now_utc();
         if let Some(hit) = self.lock().get(&key).filter(|_| use_cache)
@@ -147,10 +172,7 @@ impl Entra {
             }),
         )
         .map_err(|e| IdentityError::Malformed(e.to_string()))?;
-        let token = credential
-            .get_token(&[KEYVAULT_SCOPE], None)
-            .await
-            .map_err(classify);
+        let token = credential.get_token(&[scope], None).await.map_err(classify);
         let outcome = match &token {
             Ok(_) => "ok",
             Err(IdentityError::Refused(_)) => "refused",
@@ -169,16 +191,32 @@ impl Entra {
     }
 }
 
-/// Entra's refusals (an AADSTS code, HTTP 400/401) are the pod's problem; everything else
-/// (connection failures, 429, 5xx after retries) is the service's.
+/// A definitive refusal (one of `DEFINITIVE_AADSTS`, on a 4xx) is the pod's problem;
+/// everything else is Entra's, and transient.
 fn classify(e: azure_core::Error) -> IdentityError {
     let text = first_line(&e.to_string());
     let status = e.http_status().map(u16::from);
-    if text.contains("AADSTS") || matches!(status, Some(400) | Some(401)) {
-        IdentityError::Refused(aadsts_summary(&text))
-    } else {
-        IdentityError::Unavailable(text)
+    let code = aadsts_code(&text);
+    let client_error = status.is_none_or(|s| (400..500).contains(&s) && s != 408 && s != 429);
+    match code {
+        Some(c) if client_error && DEFINITIVE_AADSTS.contains(&c) => {
+            IdentityError::Refused(aadsts_summary(&text))
+        }
+        _ => IdentityError::Unavailable(match code {
+            Some(_) => aadsts_summary(&text),
+            None => text,
+        }),
     }
+}
+
+/// The number of the first "AADSTSnnnn" in `text`.
+fn aadsts_code(text: &str) -> Option<u32> {
+    let i = text.find("AADSTS")?;
+    let digits: String = text[i + 6..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 fn first_line(s: &str) -> String {
@@ -206,6 +244,48 @@ fn aadsts_summary(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_decide_not_text() {
+        assert_eq!(aadsts_code("x AADSTS700213: subject"), Some(700213));
+        assert_eq!(aadsts_code("AADSTS"), None);
+        assert_eq!(aadsts_code("no code"), None);
+        let e = |status: u16, text: &str| {
+            classify(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::HttpResponse {
+                    status: status.into(),
+                    error_code: None,
+                    raw_response: None,
+                },
+                text.to_string(),
+            ))
+        };
+        assert!(matches!(
+            e(400, "AADSTS70021: No matching federated identity record"),
+            IdentityError::Refused(_)
+        ));
+        assert!(matches!(
+            e(401, "AADSTS7000272: key"),
+            IdentityError::Refused(_)
+        ));
+        // Entra's transient codes carry AADSTS too.
+        assert!(matches!(
+            e(503, "AADSTS90033: transient error"),
+            IdentityError::Unavailable(_)
+        ));
+        assert!(matches!(
+            e(400, "AADSTS90006: retry"),
+            IdentityError::Unavailable(_)
+        ));
+        assert!(matches!(
+            e(429, "AADSTS70021: throttled"),
+            IdentityError::Unavailable(_)
+        ));
+        assert!(matches!(
+            e(400, "bad request without a code"),
+            IdentityError::Unavailable(_)
+        ));
+    }
 
     #[test]
     fn aadsts_codes_are_kept_and_noise_dropped() {

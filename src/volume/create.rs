@@ -60,6 +60,7 @@ impl Manager {
                 self.settings.node_id
             )));
         }
+        self.settings.policy.check(&req.params, "parameters")?;
         let capacity = req.capacity.resolve()?;
         let pool = self.pools.get(req.params.pool.as_deref())?;
         let id = VolumeId::for_name(&req.name);

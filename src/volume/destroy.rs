@@ -78,6 +78,7 @@ impl Manager {
         crash::point("delete.renamed");
         let start = std::time::Instant::now();
         self.finish_destroy(&deleting)?;
+        self.publications_gone(&vol.id)?;
         if let Some(owner) = &vol.record.owner {
             self.release.event(
                 owner,
@@ -98,6 +99,7 @@ impl Manager {
             release::audit(
                 "wipe",
                 &vol.id,
+                None,
                 None,
                 vol.record.kms.as_ref(),
                 "ok",

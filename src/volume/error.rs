@@ -75,6 +75,7 @@ impl From<KeyError> for VolumeError {
             KeyError::Denied(_) => VolumeError::PermissionDenied(e.to_string()),
             KeyError::Unavailable(_) => VolumeError::Unavailable(e.to_string()),
             KeyError::Corrupt(_) => VolumeError::Corrupt(e.to_string()),
+            KeyError::Rejected(_) => VolumeError::FailedPrecondition(e.to_string()),
             KeyError::Internal(_) => VolumeError::Internal(e.to_string()),
         }
     }

@@ -28,7 +28,13 @@ impl Manager {
                     req.id
                 )));
             }
-            None => (self.create_inline(&req.id, params, size, &req.auth)?, true),
+            None => {
+                let default_pool = self.pools.get(None)?.name.clone();
+                self.settings
+                    .policy
+                    .check_inline(params, size, &default_pool)?;
+                (self.create_inline(&req.id, params, size, &req.auth)?, true)
+            }
         };
         let staging = self.inline_staging(&vol.id);
         let result = self

@@ -2,14 +2,13 @@
 //! release) and the steps every concern shares: loading and saving a volume's header, and
 //! recognising its mounts. Each CSI call is one method, in the file of its concern.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::VolumeError;
-use super::authorization::Authorization;
+use super::authorization::Authorizations;
 use super::header::{self, VolumeRecord};
 use super::id::VolumeId;
 use super::lock::{VolumeGuard, VolumeLocks};
@@ -38,6 +37,8 @@ pub(crate) struct NodeSettings {
     pub(crate) reauthorize_interval: Duration,
     /// How long transient re-authorization failures are tolerated before the volume locks.
     pub(crate) revoke_grace: Duration,
+    /// What volumes this node serves.
+    pub(crate) policy: super::NodePolicy,
 }
 
 /// A loaded volume: where its file is and what its header says.
@@ -56,9 +57,8 @@ pub(crate) struct Manager {
     /// Serialises placement, so two creates cannot both count the same free space.
     pub(super) placement: Mutex<()>,
     pub(super) release: KeyRelease,
-    /// Per publication (volume, target): when it was last authorized. Memory only: after a
-    /// restart every publication is due for re-authorization, the safe side.
-    pub(super) authorizations: Mutex<HashMap<(VolumeId, PathBuf), Authorization>>,
+    /// Per live publication: its pod, when it was last authorized, whether it is refused.
+    pub(super) authorizations: Authorizations,
 }
 
 pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -89,6 +89,7 @@ impl Manager {
         tools: Tools,
         release: KeyRelease,
     ) -> Manager {
+        let authorizations = Authorizations::new(&settings.state_dir);
         Manager {
             settings,
             pools,
@@ -96,7 +97,7 @@ impl Manager {
             locks: VolumeLocks::default(),
             placement: Mutex::new(()),
             release,
-            authorizations: Mutex::new(HashMap::new()),
+            authorizations,
         }
     }
 

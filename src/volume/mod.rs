@@ -14,6 +14,7 @@ mod lock;
 mod manager;
 mod params;
 mod paths;
+mod policy;
 mod publish;
 mod recover;
 mod release;
@@ -27,9 +28,11 @@ use manager::{
     publications, write_header,
 };
 pub(crate) use manager::{Manager, NodeSettings, TOPOLOGY_KEY};
+pub(crate) use params::parse_size;
 pub(crate) use params::{
     AccessMode, Capability, CapacityRange, VolumeParams, check_fs_type, parse_mount_flags,
 };
+pub(crate) use policy::{NodePolicy, default_vault_hosts, parse_host_rules, parse_key_modes};
 pub(crate) use publish::PublishRequest;
 pub(crate) use release::{KeyRelease, PodAuth};
 

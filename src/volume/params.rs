@@ -68,11 +68,14 @@ impl KeyMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum OnRevoke {
-    /// Remove the key: nothing new can be opened or created.
+    /// Remove the key: nothing new can be opened or created. (Headers written by earlier
+    /// versions may say `lock-and-unmount`: read as `lock`.)
+    #[serde(alias = "lock-and-unmount")]
     #[default]
     Lock,
-    /// Also unmount the target lazily, so the pod's view of the volume goes.
-    LockAndUnmount,
+    /// Also evict the pod through the Eviction API (the node needs `pods/eviction` create).
+    /// A host unmount would not do: a running container keeps its own copy of the mount.
+    Evict,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,11 +197,17 @@ impl VolumeParams {
         let kms = kms_record(map, key_mode)?;
         let on_revoke = match map.get("onRevoke").map(String::as_str) {
             None | Some("lock") => OnRevoke::Lock,
-            Some("lock-and-unmount") => OnRevoke::LockAndUnmount,
+            Some("evict") => OnRevoke::Evict,
+            Some("lock-and-unmount") => {
+                return Err(invalid(
+                    "onRevoke",
+                    "lock-and-unmount is no longer accepted: a host unmount never reaches a running container, and it left pods stuck in Terminating; use lock (default) or evict",
+                ));
+            }
             Some(other) => {
                 return Err(invalid(
                     "onRevoke",
-                    format!("{other:?} is not accepted; use lock or lock-and-unmount"),
+                    format!("{other:?} is not accepted; use lock (default) or evict"),
                 ));
             }
         };

@@ -3,14 +3,13 @@
 
 use std::path::Path;
 
-use super::authorization::Authorization;
 use super::id::VolumeId;
 use super::params::{AccessMode, Capability, KeyMode, Lifecycle, VolumeParams};
 use super::paths::check_under;
 use super::release::{self, PodAuth};
 use super::{
     Manager, Volume, VolumeError, crash, invalid, io_err, is_data_mount_of, is_fs_mount_of,
-    not_found, publications, write_header,
+    not_found, publications,
 };
 use crate::crypt;
 use crate::sys::{self, AttachedLoop, MountTable};
@@ -63,8 +62,9 @@ impl Manager {
         self.publish_staged(&mut vol, &device, &staging, &target, req)
     }
 
-    /// The common end of a publish: an encrypted volume's key is released to this pod (or, on
-    /// a republish of the same target, the pod's token is confirmed), then the bind mount.
+    /// The common end of a publish, in three steps: authorize (the pod's own identity unwraps
+    /// the volume's key; on a republish, re-authorization when due), unlock (the key into the
+    /// filesystem, the user-space copy zeroized), bind (`data/` at the target).
     pub(super) fn publish_staged(
         &self,
         vol: &mut Volume,
@@ -74,40 +74,44 @@ impl Manager {
         req: &PublishRequest,
     ) -> Result<(), VolumeError> {
         let table = MountTable::read()?;
-        let republish = table
+        if vol.record.key_mode == KeyMode::None {
+            return self.bind_at(vol, device, &table, staging, target, req);
+        }
+        if table
             .at(target)
-            .is_some_and(|m| is_data_mount_of(m, device));
-        if vol.record.key_mode != KeyMode::None {
-            if republish {
-                self.reauthorize_if_due(vol, staging, target, req)?;
-            } else {
-                let before = vol.record.clone();
-                let (id, file, generation) =
-                    (vol.id.clone(), vol.file.path.clone(), vol.generation);
-                let mut generation_after = generation;
-                self.release
-                    .unlock(&id, &mut vol.record, staging, &req.auth, |record| {
-                        generation_after = write_header(&id, &file, record, generation)?;
-                        Ok(())
-                    })?;
-                vol.generation = generation_after;
-                if vol.record != before {
-                    self.save(vol)?;
+            .is_some_and(|m| is_data_mount_of(m, device))
+        {
+            self.reauthorize(vol, device, staging, target, req)?;
+            return self.bind_at(vol, device, &table, staging, target, req);
+        }
+        // 1. Authorize.
+        let (dek, _principal) = self.authorize_first_publish(vol, device, target, req)?;
+        // 2. Unlock.
+        let recorded = vol
+            .record
+            .kms
+            .as_ref()
+            .and_then(|k| k.key_identifier.clone());
+        let identifier = crypt::unlock(staging, dek.expose(), recorded.as_deref())?;
+        drop(dek);
+        if recorded.is_none()
+            && let Some(k) = vol.record.kms.as_mut()
+        {
+            k.key_identifier = Some(identifier);
+            self.save(vol)?;
+        }
+        // 3. Bind.
+        match self.bind_at(vol, device, &table, staging, target, req) {
+            Ok(()) => self.publication_started(&vol.id, target, &req.auth),
+            Err(e) => {
+                // Nothing is published: the key goes again.
+                let table = MountTable::read()?;
+                if publications(&table, device).next().is_none() {
+                    release::evict(&vol.id, &vol.record, staging)?;
                 }
+                Err(e)
             }
         }
-        let bound = self.bind_at(vol, device, &table, staging, target, req);
-        if bound.is_ok() && vol.record.key_mode != KeyMode::None && !republish {
-            self.set_authorization(&vol.id, target, Authorization::now());
-        }
-        if bound.is_err() && vol.record.key_mode != KeyMode::None && !republish {
-            // Nothing is published: the key goes again.
-            let table = MountTable::read()?;
-            if publications(&table, device).next().is_none() {
-                release::evict(&vol.id, &vol.record, staging)?;
-            }
-        }
-        bound
     }
 
     pub(super) fn bind_at(
@@ -186,7 +190,7 @@ impl Manager {
             }
             sys::unmount(&target, false)?;
             crash::point("unpublish.unmounted");
-            self.forget_authorization(id, &target);
+            self.publication_ended(id, &target)?;
             tracing::info!(volume.id = %id, target.path = %target.display(), "volume unpublished");
         }
         match std::fs::remove_dir(&target) {

@@ -1,36 +1,66 @@
-//! Identity-gated key release, in order: the pod's token, the Entra exchange (cached), the Key
-//! Vault call that wraps or unwraps the volume's key with the pod's access token, the key into
-//! the filesystem; and the reverse, eviction. One audit line per key event (generate, wrap,
-//! unwrap, evict, wipe, denial) with who, what, result and latency; never a token or key byte.
+//! Identity-gated key release: who the publishing pod is, and the Azure calls made with its own
+//! token. Entra exchanges the pod's service-account token for an access token scoped to the
+//! volume's vault (cached per pod token and scope); Key Vault wraps or unwraps the volume's DEK
+//! with that access token and no other. The unwrap is the authorization check: a pod gets a key
+//! only from its own identity's unwrap. Nothing here decides what a refusal does to a volume
+//! (`authorization.rs` does) and nothing here logs a token or a key byte.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::crypt;
 use crate::identity::{Entra, IdentityError, KubeApi, PodToken};
-use crate::keys::{Dek, KeyVault, KmsRecord};
+use crate::keys::{Bearer, Dek, KeyError, KeyVault, KmsRecord};
 use crate::sys::Removal;
 
 use super::VolumeError;
 use super::header::{EventTarget, VolumeRecord};
 use super::id::VolumeId;
 
-/// What the publishing pod brings: its token (or why there is none) and who it is.
+/// What the publishing pod brings: its token (or why there is none) and who kubelet says it
+/// is (podInfoOnMount).
 #[derive(Debug, Clone)]
 pub(crate) struct PodAuth {
     pub(crate) token: Result<PodToken, String>,
     pub(crate) pod_name: String,
     pub(crate) pod_namespace: String,
     pub(crate) pod_uid: String,
+    pub(crate) service_account: String,
 }
 
 impl PodAuth {
+    /// The pod's token, which must name the service account kubelet says the pod runs as.
     fn token(&self) -> Result<&PodToken, VolumeError> {
-        self.token
+        let token = self
+            .token
             .as_ref()
-            .map_err(|e| VolumeError::Unauthenticated(e.clone()))
+            .map_err(|e| VolumeError::Unauthenticated(e.clone()))?;
+        if self.pod_namespace.is_empty() || self.service_account.is_empty() {
+            return Err(VolumeError::FailedPrecondition(
+                "kubelet passed no csi.storage.k8s.io/pod.namespace or serviceAccount.name: set podInfoOnMount: true on the CSIDriver".into(),
+            ));
+        }
+        if token.namespace() != self.pod_namespace
+            || token.service_account() != self.service_account
+        {
+            return Err(VolumeError::Unauthenticated(
+                "the token's subject is not the publishing pod's service account".into(),
+            ));
+        }
+        Ok(token)
     }
+
+    /// "namespace/pod", for messages.
+    pub(crate) fn pod(&self) -> String {
+        format!("{}/{}", self.pod_namespace, self.pod_name)
+    }
+}
+
+/// The identity a key was released to (or refused to), for audit lines.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Principal {
+    pub(crate) tenant: String,
+    pub(crate) client_id: String,
 }
 
 /// The services key release calls, and how.
@@ -48,24 +78,27 @@ fn aad(id: &VolumeId) -> Vec<u8> {
     format!("sealvol|{id}|header-v1").into_bytes()
 }
 
+/// One audit line (target `sealvol::audit`) and the key-event counter: who, what, result,
+/// latency. Called once per state transition, never per retry.
 pub(crate) fn audit(
     event: &str,
     id: &VolumeId,
     auth: Option<&PodAuth>,
+    principal: Option<&Principal>,
     kms: Option<&KmsRecord>,
     result: &str,
     latency: Duration,
 ) {
     crate::metrics::metrics().key_event(event, result);
-    let token = auth.and_then(|a| a.token.as_ref().ok());
     tracing::info!(
         target: "sealvol::audit",
         event,
         volume.id = %id,
-        pod.namespace = auth.map(|a| a.pod_namespace.as_str()).or(token.map(|t| t.namespace())).unwrap_or(""),
+        pod.namespace = auth.map(|a| a.pod_namespace.as_str()).unwrap_or(""),
         pod.name = auth.map(|a| a.pod_name.as_str()).unwrap_or(""),
-        pod.service_account = token.map(|t| t.service_account()).unwrap_or(""),
-        identity.client_id = kms.and_then(|k| k.client_id.as_deref()).unwrap_or(""),
+        pod.service_account = auth.map(|a| a.service_account.as_str()).unwrap_or(""),
+        identity.tenant_id = principal.map(|p| p.tenant.as_str()).unwrap_or(""),
+        identity.client_id = principal.map(|p| p.client_id.as_str()).unwrap_or(""),
         vault = kms.map(|k| k.vault_url.as_str()).unwrap_or(""),
         key = kms.map(|k| k.kek_name()).unwrap_or_default(),
         result,
@@ -74,45 +107,35 @@ pub(crate) fn audit(
     );
 }
 
-fn audit_denial(id: &VolumeId, auth: &PodAuth, kms: &KmsRecord, e: &VolumeError, start: Instant) {
-    audit(
-        "denial",
-        id,
-        Some(auth),
-        Some(kms),
-        &result_of(e),
-        start.elapsed(),
-    );
-}
-
-/// Denials worth an event on the pod: the identity's, not Azure's passing trouble.
-fn is_denial(e: &VolumeError) -> bool {
-    matches!(
-        e,
-        VolumeError::Unauthenticated(_)
-            | VolumeError::PermissionDenied(_)
-            | VolumeError::FailedPrecondition(_)
-    )
-}
-
-fn result_of(e: &VolumeError) -> String {
-    let code = match e {
+/// The result word of an audit line for a refusal.
+pub(crate) fn result_of(e: &VolumeError) -> &'static str {
+    match e {
         VolumeError::Unauthenticated(_) => "unauthenticated",
         VolumeError::PermissionDenied(_) => "permission_denied",
         VolumeError::Unavailable(_) => "unavailable",
+        VolumeError::FailedPrecondition(_) => "failed_precondition",
         _ => "error",
-    };
-    code.to_string()
+    }
+}
+
+fn kms_of<'a>(id: &VolumeId, record: &'a VolumeRecord) -> Result<&'a KmsRecord, VolumeError> {
+    record.kms.as_ref().ok_or_else(|| {
+        VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
+    })
 }
 
 impl KeyRelease {
     /// Tenant and client id: the volume's parameters first, then the pod's ServiceAccount
     /// annotations (in a cluster), then `--tenant-id` for the tenant.
-    fn identity(&self, kms: &KmsRecord, auth: &PodAuth) -> Result<(String, String), VolumeError> {
+    pub(crate) fn principal(
+        &self,
+        kms: &KmsRecord,
+        auth: &PodAuth,
+    ) -> Result<Principal, VolumeError> {
+        let token = auth.token()?;
         let needed = kms.client_id.is_none() || kms.tenant_id.is_none();
         let annotations = match (&self.kube, needed) {
             (Some(kube), true) => {
-                let token = auth.token()?;
                 match self
                     .runtime
                     .block_on(kube.annotations(token.namespace(), token.service_account()))
@@ -135,127 +158,163 @@ impl KeyRelease {
             .or_else(|| annotations.as_ref().and_then(|a| a.tenant_id.clone()))
             .or_else(|| self.default_tenant.clone())
             .ok_or(IdentityError::NoTenantId)?;
-        let client = kms
+        let client_id = kms
             .client_id
             .clone()
             .or_else(|| annotations.and_then(|a| a.client_id))
             .ok_or(IdentityError::NoClientId)?;
-        Ok((tenant, client))
+        Ok(Principal { tenant, client_id })
     }
 
-    /// A republish of a volume already published at the target: the pod's token must still be
-    /// valid and exchangeable (from the cache when warm); no Key Vault call.
+    /// A republish that is not due: the pod's token must still be valid and exchangeable
+    /// (from the cache when warm). No Key Vault call.
     pub(crate) fn confirm(
         &self,
         id: &VolumeId,
         record: &VolumeRecord,
         auth: &PodAuth,
+        principal: &Principal,
     ) -> Result<(), VolumeError> {
-        let kms = record.kms.as_ref().ok_or_else(|| {
-            VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
-        })?;
-        let start = Instant::now();
-        let checked = self.identity(kms, auth).and_then(|(tenant, client)| {
-            let token = auth.token()?;
-            self.runtime
-                .block_on(self.entra.access_token(&tenant, &client, token))
-                .map(|_| ())
-                .map_err(VolumeError::from)
-        });
-        if let Err(e) = &checked {
-            audit_denial(id, auth, kms, e, start);
-            if is_denial(e) {
-                self.pod_event(
-                    auth,
-                    "KeyReleaseDenied",
-                    &format!("sealvol refused volume {id} to this pod: {e}"),
-                );
-            }
-        }
-        checked
-    }
-
-    /// Gets the volume's key with the pod's identity (generating and wrapping it on the first
-    /// publish, recording the wrap in `record`), adds it to the filesystem at `fs_root` and
-    /// makes sure `data/` is encrypted under it. `save` persists `record` (before the key is
-    /// used for the first time). The plaintext key is gone when this returns.
-    pub(crate) fn unlock(
-        &self,
-        id: &VolumeId,
-        record: &mut VolumeRecord,
-        fs_root: &Path,
-        auth: &PodAuth,
-        save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
-    ) -> Result<(), VolumeError> {
-        let kms = record.kms.clone().ok_or_else(|| {
-            VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
-        })?;
-        let start = Instant::now();
-        let result = self.unlock_inner(id, record, &kms, fs_root, auth, save);
-        if let Err(e) = &result {
-            audit_denial(id, auth, &kms, e, start);
-            if is_denial(e) {
-                self.pod_event(
-                    auth,
-                    "KeyReleaseDenied",
-                    &format!("sealvol refused volume {id}'s key to this pod: {e}"),
-                );
-            }
-        }
-        result
-    }
-
-    fn unlock_inner(
-        &self,
-        id: &VolumeId,
-        record: &mut VolumeRecord,
-        kms: &KmsRecord,
-        fs_root: &Path,
-        auth: &PodAuth,
-        save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
-    ) -> Result<(), VolumeError> {
-        let (tenant, client) = self.identity(kms, auth)?;
-        let token =
-            self.runtime
-                .block_on(self.entra.access_token(&tenant, &client, auth.token()?))?;
-        let aad = aad(id);
-        let dek = match &kms.wrapped {
-            None => {
-                let start = Instant::now();
-                let dek = Dek::generate()?;
-                audit("generate", id, Some(auth), Some(kms), "ok", start.elapsed());
-                let start = Instant::now();
-                let wrapped = self
-                    .runtime
-                    .block_on(self.vault.wrap(kms, &token, &dek, &aad))?;
-                audit("wrap", id, Some(auth), Some(kms), "ok", start.elapsed());
-                if let Some(k) = record.kms.as_mut() {
-                    k.wrapped = Some(wrapped);
-                }
-                save(record)?;
-                dek
-            }
-            Some(_) => {
-                let start = Instant::now();
-                let dek = self
-                    .runtime
-                    .block_on(self.vault.unwrap(kms, &token, &aad))?;
-                audit("unwrap", id, Some(auth), Some(kms), "ok", start.elapsed());
-                dek
-            }
-        };
-        let identifier = crypt::unlock(fs_root, dek.expose(), kms.key_identifier.as_deref())?;
-        drop(dek);
-        if kms.key_identifier.is_none()
-            && let Some(k) = record.kms.as_mut()
-        {
-            k.key_identifier = Some(identifier);
-        }
+        let kms = kms_of(id, record)?;
+        let scope = self.runtime.block_on(self.vault.scope(kms))?;
+        self.runtime.block_on(self.entra.access_token(
+            &principal.tenant,
+            &principal.client_id,
+            auth.token()?,
+            &scope,
+        ))?;
         Ok(())
     }
-}
 
-impl KeyRelease {
+    /// The volume's key, released to this pod's own identity. On the first publish of a fresh
+    /// volume the DEK is generated, wrapped (the wrap recorded through `save` before the key is
+    /// used) and then unwrapped by the pod's identity and compared: Key Vault allows wrapKey on
+    /// a disabled key and to principals with read access only, so only the unwrap proves the
+    /// pod may have the key. With `fresh`, the Entra exchange ignores the cache (a due
+    /// re-authorization must notice a deleted federated credential).
+    pub(crate) fn release(
+        &self,
+        id: &VolumeId,
+        record: &mut VolumeRecord,
+        auth: &PodAuth,
+        principal: &Principal,
+        fresh: bool,
+        save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
+    ) -> Result<Dek, VolumeError> {
+        let kms = kms_of(id, record)?.clone();
+        let aad = aad(id);
+        let pod = auth.token()?;
+        let scope = self.runtime.block_on(self.vault.scope(&kms))?;
+        let exchange = |fresh: bool| {
+            let (tenant, client) = (&principal.tenant, &principal.client_id);
+            self.runtime.block_on(async {
+                if fresh {
+                    self.entra
+                        .fresh_access_token(tenant, client, pod, &scope)
+                        .await
+                } else {
+                    self.entra.access_token(tenant, client, pod, &scope).await
+                }
+            })
+        };
+        let mut token = exchange(fresh)?;
+        let mut retried = fresh;
+        loop {
+            let bearer = Bearer(token.token.secret());
+            let attempt = self.runtime.block_on(async {
+                match &kms.wrapped {
+                    Some(_) => self
+                        .vault
+                        .unwrap(&kms, &bearer, &aad)
+                        .await
+                        .map(|d| (d, None)),
+                    None => {
+                        let dek = Dek::generate()?;
+                        let wrapped = self.vault.wrap(&kms, &bearer, &dek, &aad).await?;
+                        Ok((dek, Some(wrapped)))
+                    }
+                }
+            });
+            match attempt {
+                // A cached token Key Vault no longer takes: one more try with a fresh one.
+                Err(KeyError::Unauthenticated(_)) if !retried => {
+                    retried = true;
+                    token = exchange(true)?;
+                }
+                Err(e) => return Err(e.into()),
+                Ok((dek, None)) => {
+                    check_identifier(id, &kms, &dek)?;
+                    return Ok(dek);
+                }
+                Ok((dek, Some(wrapped))) => {
+                    let mut with_wrap = kms.clone();
+                    with_wrap.wrapped = Some(wrapped);
+                    record.kms = Some(with_wrap.clone());
+                    save(record)?;
+                    let proved = self.runtime.block_on(self.vault.unwrap(
+                        &with_wrap,
+                        &Bearer(token.token.secret()),
+                        &aad,
+                    ))?;
+                    if proved.expose() != dek.expose() {
+                        return Err(VolumeError::Corrupt(format!(
+                            "volume {id}: Key Vault unwrapped a different key than it wrapped"
+                        )));
+                    }
+                    return Ok(dek);
+                }
+            }
+        }
+    }
+
+    /// Re-wraps the volume's DEK under the KEK's current version when it is not pinned and has
+    /// moved on (a rotation), with the pod's identity; the header is updated through `save`.
+    /// Returns whether it re-wrapped. Failures are logged and leave the old wrap in place.
+    pub(crate) fn rewrap_if_rotated(
+        &self,
+        id: &VolumeId,
+        record: &mut VolumeRecord,
+        dek: &Dek,
+        auth: &PodAuth,
+        principal: &Principal,
+        save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
+    ) -> Result<bool, VolumeError> {
+        let kms = kms_of(id, record)?.clone();
+        let Some(wrapped) = &kms.wrapped else {
+            return Ok(false);
+        };
+        if kms.key_version.is_some() || kms.key_name.is_none() {
+            return Ok(false);
+        }
+        let scope = self.runtime.block_on(self.vault.scope(&kms))?;
+        let token = self.runtime.block_on(self.entra.access_token(
+            &principal.tenant,
+            &principal.client_id,
+            auth.token()?,
+            &scope,
+        ))?;
+        let bearer = Bearer(token.token.secret());
+        let current = self
+            .runtime
+            .block_on(self.vault.current_key_version(&kms, &bearer))?;
+        if current == wrapped.kek_version {
+            return Ok(false);
+        }
+        let mut pinned = kms.clone();
+        pinned.key_version = Some(current);
+        let rewrapped = self
+            .runtime
+            .block_on(self.vault.wrap(&pinned, &bearer, dek, &aad(id)))?;
+        let from = wrapped.kek_version.clone();
+        let to = rewrapped.kek_version.clone();
+        let mut updated = kms;
+        updated.wrapped = Some(rewrapped);
+        record.kms = Some(updated);
+        save(record)?;
+        tracing::info!(volume.id = %id, kek.from = %from, kek.to = %to, "DEK re-wrapped under the KEK's current version");
+        Ok(true)
+    }
+
     /// Posts a Warning event on the publishing pod (in a cluster), in the background: an
     /// operator sees why the pod's volume failed or stopped with `kubectl describe pod`.
     pub(crate) fn pod_event(&self, auth: &PodAuth, reason: &str, message: &str) {
@@ -306,53 +365,34 @@ impl KeyRelease {
         });
     }
 
-    /// A due re-authorization: a fresh Entra exchange and a real Key Vault unwrap with the
-    /// pod's current token, the result checked against the key identifier in the header.
-    /// Returns the key (for a locked volume to be unlocked again); refusals are audited.
-    pub(crate) fn reauthorize(
-        &self,
-        id: &VolumeId,
-        record: &VolumeRecord,
-        auth: &PodAuth,
-    ) -> Result<Dek, VolumeError> {
-        let kms = record.kms.as_ref().ok_or_else(|| {
-            VolumeError::Corrupt(format!("volume {id} is encrypted but has no key record"))
-        })?;
-        let start = Instant::now();
-        let result = self.identity(kms, auth).and_then(|(tenant, client)| {
-            let token = self.runtime.block_on(self.entra.fresh_access_token(
-                &tenant,
-                &client,
-                auth.token()?,
-            ))?;
-            let dek = self
-                .runtime
-                .block_on(self.vault.unwrap(kms, &token, &aad(id)))?;
-            let derived = crypt::identifier_for(dek.expose())?;
-            if kms
-                .key_identifier
-                .as_deref()
-                .is_some_and(|recorded| recorded != derived)
-            {
-                return Err(VolumeError::Corrupt(format!(
-                    "volume {id}: the unwrapped key does not match the header"
-                )));
+    /// Asks the API server to evict the pod (the Eviction API, so disruption budgets hold), in
+    /// the background. Without a Kubernetes API there is nobody to ask.
+    pub(crate) fn evict_pod(&self, auth: &PodAuth) {
+        let Some(kube) = self.kube.clone() else {
+            tracing::warn!(pod = %auth.pod(), "onRevoke evict: no Kubernetes API to evict the pod through");
+            return;
+        };
+        let (namespace, name) = (auth.pod_namespace.clone(), auth.pod_name.clone());
+        self.runtime.spawn(async move {
+            match kube.evict(&namespace, &name).await {
+                Ok(()) => tracing::info!(pod.namespace = %namespace, pod.name = %name, "revoked pod evicted"),
+                Err(e) => tracing::warn!(pod.namespace = %namespace, pod.name = %name, error = %e, "could not evict the revoked pod"),
             }
-            Ok(dek)
         });
-        match &result {
-            Ok(_) => audit(
-                "reauthorize",
-                id,
-                Some(auth),
-                Some(kms),
-                "ok",
-                start.elapsed(),
-            ),
-            Err(e) => audit_denial(id, auth, kms, e, start),
-        }
-        result
     }
+}
+
+/// A later unwrap must give the key the filesystem was set up with.
+fn check_identifier(id: &VolumeId, kms: &KmsRecord, dek: &Dek) -> Result<(), VolumeError> {
+    let Some(recorded) = kms.key_identifier.as_deref() else {
+        return Ok(());
+    };
+    if crypt::identifier_for(dek.expose())? != recorded {
+        return Err(VolumeError::Corrupt(format!(
+            "volume {id}: the unwrapped key does not match the header"
+        )));
+    }
+    Ok(())
 }
 
 /// Removes the volume's key from its filesystem (mounted at `fs_root`), with an audit line.
@@ -360,7 +400,7 @@ impl KeyRelease {
 pub(crate) fn evict(
     id: &VolumeId,
     record: &VolumeRecord,
-    fs_root: &Path,
+    fs_root: &std::path::Path,
 ) -> Result<(), VolumeError> {
     let Some(kms) = record.kms.as_ref() else {
         return Ok(());
@@ -379,7 +419,7 @@ pub(crate) fn evict(
         }
     };
     if outcome != Removal::Absent {
-        audit("evict", id, None, Some(kms), result, start.elapsed());
+        audit("evict", id, None, None, Some(kms), result, start.elapsed());
     }
     Ok(())
 }

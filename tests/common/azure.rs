@@ -89,6 +89,20 @@ impl Azure {
         p
     }
 
+    /// Every vault's host:port, as `--allowed-vault-hosts` takes them.
+    pub fn vault_hosts(&self) -> String {
+        ["kv"]
+            .iter()
+            .filter_map(|v| self.emu.vault_url(v))
+            .map(|u| {
+                u.trim_start_matches("https://")
+                    .trim_end_matches('/')
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn wraps(&self) -> u64 {
         self.emu.count("keyvault.wrap", Some(200))
     }
@@ -112,6 +126,7 @@ pub async fn node_with(azure: &Azure, extra: &[&str]) -> (ScratchNode, CsiClient
         format!("--tenant-id={TENANT}"),
         "--keyvault-verify-challenge=false".to_string(),
         "--log-format=json".to_string(),
+        format!("--allowed-vault-hosts={}", azure.vault_hosts()),
     ];
     let args: Vec<String> = args
         .into_iter()
