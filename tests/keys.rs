@@ -380,6 +380,7 @@ async fn key_vault_latency_throttling_and_outage() {
         kind: FaultKind::Latency { ms: 400 },
         count: Some(1),
         duration_ms: None,
+        client_id: None,
     });
     let start = std::time::Instant::now();
     c.node
@@ -400,6 +401,7 @@ async fn key_vault_latency_throttling_and_outage() {
         },
         count: Some(2),
         duration_ms: None,
+        client_id: None,
     });
     c.node
         .node_publish_volume(publish_as(&node, &id, "b", &token, "app"))
@@ -419,6 +421,7 @@ async fn key_vault_latency_throttling_and_outage() {
         },
         count: None,
         duration_ms: None,
+        client_id: None,
     });
     let start = std::time::Instant::now();
     refused_publish(
@@ -435,6 +438,7 @@ async fn key_vault_latency_throttling_and_outage() {
         kind: FaultKind::Drop,
         count: None,
         duration_ms: None,
+        client_id: None,
     });
     refused_publish(
         &mut c,

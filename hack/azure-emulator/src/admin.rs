@@ -1,7 +1,7 @@
 //! The control plane for tests, under `/_emulator/`, served only with `--admin`: identities,
 //! federated credentials, role assignments, keys and issuers; service-account tokens from the
-//! fake issuers; injected faults; and the per-route call counters. Nothing here exists in
-//! Azure.
+//! fake issuers; injected faults; the per-route call counters; and the request records.
+//! Nothing here exists in Azure.
 
 use std::sync::Arc;
 
@@ -40,6 +40,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/_emulator/issuers/{name}/token", post(mint_token))
         .route("/_emulator/faults", post(add_fault).delete(clear_faults))
         .route("/_emulator/counters", get(counters).delete(reset_counters))
+        .route("/_emulator/records", get(records).delete(clear_records))
 }
 
 fn disabled(shared: &Shared) -> Option<Response> {
@@ -232,5 +233,20 @@ async fn reset_counters(State(s): State<Arc<Shared>>) -> Response {
     if let Ok(mut c) = s.counters.lock() {
         c.clear();
     }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn records(State(s): State<Arc<Shared>>) -> Response {
+    if let Some(r) = disabled(&s) {
+        return r;
+    }
+    Json(s.records.all()).into_response()
+}
+
+async fn clear_records(State(s): State<Arc<Shared>>) -> Response {
+    if let Some(r) = disabled(&s) {
+        return r;
+    }
+    s.records.clear();
     StatusCode::NO_CONTENT.into_response()
 }

@@ -108,25 +108,67 @@ async fn instance_discovery(
     .into_response()
 }
 
-/// An Entra error response.
+/// An Entra error response, with the status Entra gives `error` (401 for invalid_client,
+/// else 400).
 pub fn aadsts(code: u32, error: &str, description: &str) -> Response {
-    let trace = crypto::random_guid();
-    let correlation = crypto::random_guid();
-    let body = json!({
-        "error": error,
-        "error_description": format!("AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {}", chrono_like_now()),
-        "error_codes": [code],
-        "timestamp": chrono_like_now(),
-        "trace_id": trace,
-        "correlation_id": correlation,
-        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
-    });
     let status = if error == "invalid_client" {
         StatusCode::UNAUTHORIZED
     } else {
         StatusCode::BAD_REQUEST
     };
+    aadsts_with_status(status, code, error, Some(description))
+}
+
+/// An Entra error response in the shape of
+/// https://learn.microsoft.com/entra/identity-platform/reference-error-codes (`error`,
+/// `error_description` starting "AADSTSnnnnn: ", `error_codes`, `timestamp`, `trace_id`,
+/// `correlation_id`, `error_uri`). `description` None takes a stock text for the code.
+pub fn aadsts_with_status(
+    status: StatusCode,
+    code: u32,
+    error: &str,
+    description: Option<&str>,
+) -> Response {
+    let trace = crypto::random_guid();
+    let correlation = crypto::random_guid();
+    let now = chrono_like_now();
+    let description = description.unwrap_or_else(|| stock_description(code));
+    let body = json!({
+        "error": error,
+        "error_description": format!("AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {now}"),
+        "error_codes": [code],
+        "timestamp": now,
+        "trace_id": trace,
+        "correlation_id": correlation,
+        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+    });
     (status, Json(body)).into_response()
+}
+
+/// The text Entra gives a code, for the codes faults are likely to inject
+/// (https://learn.microsoft.com/entra/identity-platform/reference-error-codes).
+fn stock_description(code: u32) -> &'static str {
+    match code {
+        90006 => "ExternalServerRetryableError - The service is temporarily unavailable.",
+        90033 => {
+            "MsodsServiceUnavailable - The Microsoft Online Directory Service (MSODS) isn't available."
+        }
+        90055 => "TenantThrottlingError - There are too many incoming requests.",
+        70021 => "No matching federated identity record found for presented assertion.",
+        700016 => "Application was not found in the directory.",
+        50013 => "Assertion failed signature validation.",
+        _ => "Injected error.",
+    }
+}
+
+/// The `error` and AADSTS code Entra answers a transient failure of HTTP `status` with: 429
+/// tenant throttling, 5xx the service unavailable.
+pub fn transient_for(status: u16) -> (&'static str, u32, Option<&'static str>) {
+    match status {
+        429 => ("temporarily_unavailable", 90055, None),
+        500 => ("server_error", 90006, None),
+        _ => ("temporarily_unavailable", 90033, None),
+    }
 }
 
 fn chrono_like_now() -> String {

@@ -19,6 +19,7 @@ use crate::config::KeySpec;
 use crate::crypto;
 use crate::entra::KEYVAULT_RESOURCE;
 use crate::rbac::{self, Action};
+use crate::records::AuthInfo;
 use crate::server::{Caller, Shared};
 use crate::state::{KeyVersion, SecretVersion};
 
@@ -211,6 +212,11 @@ async fn handle(
         ),
     };
     response.extensions_mut().insert(Caller(ctx.oid.clone()));
+    response.extensions_mut().insert(AuthInfo {
+        object_id: ctx.oid.clone(),
+        client_id: ctx.appid.clone(),
+        tenant: claims["tid"].as_str().unwrap_or_default().to_string(),
+    });
     response
 }
 

@@ -21,6 +21,7 @@ pub mod faults;
 pub mod issuer;
 pub mod keyvault;
 pub mod rbac;
+pub mod records;
 pub mod server;
 pub mod state;
 pub mod tls;
@@ -28,6 +29,7 @@ pub mod tls;
 pub use config::{Config, FederatedCredential, Identity, KeySpec, RoleAssignment};
 pub use faults::{FaultKind, FaultSpec};
 pub use issuer::TokenRequest;
+pub use records::RequestRecord;
 pub use server::{Emulator, Options};
 
 impl Emulator {

@@ -1,7 +1,8 @@
-//! The HTTPS server: one listener on 127.0.0.1 serving Entra ID, the fake Kubernetes issuers,
-//! Key Vault and (with `admin`) the control plane. Every request passes one middleware that
-//! names its route, applies injected faults, counts it by outcome, and logs one line (route,
-//! caller, status, latency; never a token or key).
+//! The HTTPS server: one listener on 127.0.0.1 serving Entra ID, the fake Kubernetes issuers
+//! and (with `admin`) the control plane, plus one listener per vault and per Managed HSM (the
+//! port names which). Every request passes one middleware that names its route, applies
+//! injected faults, counts it by outcome, records data-plane requests (who, what, status), and
+//! logs one line (route, caller, status, latency; never a token or key).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::crypto::SigningKey;
 use crate::faults::{Fault, FaultKind};
+use crate::records::{AuthInfo, Records, RequestRecord};
 use crate::state::State;
 use crate::{admin, entra, issuer, keyvault, tls};
 
@@ -50,6 +52,34 @@ pub struct Shared {
     pub admin: bool,
     /// Each vault's own listen port: a request's Host header (`127.0.0.1:PORT`) names its vault.
     pub vault_ports: BTreeMap<String, u16>,
+    /// Each Managed HSM's own listen port, likewise.
+    pub hsm_ports: BTreeMap<String, u16>,
+    /// Data-plane request records (see `records`).
+    pub records: Records,
+}
+
+/// The two data-plane services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    KeyVault,
+    ManagedHsm,
+}
+
+impl Service {
+    /// The service's name in route labels and request records.
+    pub fn label(self) -> &'static str {
+        match self {
+            Service::KeyVault => "keyvault",
+            Service::ManagedHsm => "managedhsm",
+        }
+    }
+}
+
+/// The vault or Managed HSM a request's port names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub service: Service,
+    pub name: String,
 }
 
 impl Shared {
@@ -70,6 +100,42 @@ impl Shared {
         self.vault_ports
             .get(name)
             .map(|port| format!("https://127.0.0.1:{port}"))
+    }
+
+    pub fn hsm_url(&self, name: &str) -> Option<String> {
+        self.hsm_ports
+            .get(name)
+            .map(|port| format!("https://127.0.0.1:{port}"))
+    }
+
+    /// The vault or Managed HSM whose port the Host header (`127.0.0.1:PORT`) names.
+    pub fn endpoint_for_host(&self, host: &str) -> Option<Endpoint> {
+        let port: u16 = host.rsplit_once(':')?.1.parse().ok()?;
+        let find = |ports: &BTreeMap<String, u16>| {
+            ports
+                .iter()
+                .find(|(_, p)| **p == port)
+                .map(|(name, _)| name.clone())
+        };
+        if let Some(name) = find(&self.vault_ports) {
+            return Some(Endpoint {
+                service: Service::KeyVault,
+                name,
+            });
+        }
+        find(&self.hsm_ports).map(|name| Endpoint {
+            service: Service::ManagedHsm,
+            name,
+        })
+    }
+
+    /// The URL of an endpoint, as its ids start.
+    pub fn endpoint_url(&self, e: &Endpoint) -> String {
+        match e.service {
+            Service::KeyVault => self.vault_url(&e.name),
+            Service::ManagedHsm => self.hsm_url(&e.name),
+        }
+        .unwrap_or_default()
     }
 }
 
@@ -114,14 +180,21 @@ impl Emulator {
         let state = State::new(&options.config, options.state_file)?;
         let mut vault_listeners = Vec::new();
         let mut vault_ports = BTreeMap::new();
-        for name in state.vaults.keys() {
+        let mut hsm_ports = BTreeMap::new();
+        let names = state
+            .vaults
+            .keys()
+            .map(|n| (Service::KeyVault, n))
+            .chain(state.hsms.keys().map(|n| (Service::ManagedHsm, n)));
+        for (service, name) in names {
             let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await
-                .map_err(|e| format!("listen for vault {name}: {e}"))?;
-            vault_ports.insert(
-                name.clone(),
-                l.local_addr().map_err(|e| e.to_string())?.port(),
-            );
+                .map_err(|e| format!("listen for {} {name}: {e}", service.label()))?;
+            let port = l.local_addr().map_err(|e| e.to_string())?.port();
+            match service {
+                Service::KeyVault => vault_ports.insert(name.clone(), port),
+                Service::ManagedHsm => hsm_ports.insert(name.clone(), port),
+            };
             vault_listeners.push(l);
         }
         let shared = Arc::new(Shared {
@@ -134,6 +207,8 @@ impl Emulator {
             http,
             admin: options.admin,
             vault_ports,
+            hsm_ports,
+            records: Records::default(),
         });
         let app = router(Arc::clone(&shared));
         let acceptor = TlsAcceptor::from(Arc::clone(&tls.server_config));
@@ -160,6 +235,21 @@ impl Emulator {
     /// The URL of vault `name`, as clients are configured with it (`https://127.0.0.1:PORT`).
     pub fn vault_url(&self, name: &str) -> Option<String> {
         self.shared.vault_url(name)
+    }
+
+    /// The URL of Managed HSM `name` (`https://127.0.0.1:PORT`): its own port, as a vault's.
+    pub fn hsm_url(&self, name: &str) -> Option<String> {
+        self.shared.hsm_url(name)
+    }
+
+    /// Every Key Vault and Managed HSM request recorded so far, oldest first.
+    pub fn records(&self) -> Vec<RequestRecord> {
+        self.shared.records.all()
+    }
+
+    /// Forgets the request records.
+    pub fn clear_records(&self) {
+        self.shared.records.clear()
     }
 
     /// The issuer URL of fake Kubernetes issuer `name`.
@@ -233,8 +323,14 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// The route a request is for, as faults and counters name it.
+/// The route a request is for, as faults and counters name it; data-plane paths are labelled
+/// as Key Vault's.
 pub fn route_label(method: &Method, path: &str) -> String {
+    service_route_label(Service::KeyVault, method, path)
+}
+
+/// The route a request is for, data-plane paths labelled `{service}.{operation}`.
+pub fn service_route_label(service: Service, method: &Method, path: &str) -> String {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let label = match segs.as_slice() {
         ["_emulator", ..] => "admin",
@@ -245,41 +341,138 @@ pub fn route_label(method: &Method, path: &str) -> String {
         [_, "v2.0", ".well-known", "openid-configuration"] => "entra.discovery",
         ["issuers", _, ".well-known", "openid-configuration"] => "issuer.discovery",
         ["issuers", _, "openid", "v1", "jwks"] => "issuer.jwks",
-        ["keys", rest @ ..] => match (method.as_str(), rest) {
-            ("POST", [_, "create"]) => "keyvault.create_key",
-            ("POST", [_, "rotate"]) => "keyvault.rotate_key",
-            ("POST", [.., "wrapkey"]) => "keyvault.wrap",
-            ("POST", [.., "unwrapkey"]) => "keyvault.unwrap",
-            ("POST", [.., "encrypt"]) => "keyvault.encrypt",
-            ("POST", [.., "decrypt"]) => "keyvault.decrypt",
-            ("GET", _) => "keyvault.get_key",
-            ("PATCH", _) => "keyvault.update_key",
-            ("DELETE", _) => "keyvault.delete_key",
-            _ => "keyvault.other",
-        },
-        ["secrets", ..] => match method.as_str() {
-            "PUT" => "keyvault.set_secret",
-            "GET" => "keyvault.get_secret",
-            "DELETE" => "keyvault.delete_secret",
-            _ => "keyvault.other",
-        },
+        [first, ..] if DATA_PLANE_ROOTS.contains(first) => {
+            return format!("{}.{}", service.label(), operation(method, &segs));
+        }
         _ => "unknown",
     };
     label.to_string()
+}
+
+/// The first path segments the data plane serves.
+pub const DATA_PLANE_ROOTS: &[&str] = &["keys", "secrets", "deletedkeys", "deletedsecrets"];
+
+/// The data-plane operation of a path (split into segments), as the second half of a label.
+fn operation(method: &Method, segs: &[&str]) -> &'static str {
+    let m = method.as_str();
+    match segs {
+        ["keys"] | ["keys", ""] if m == "GET" => "list_keys",
+        ["keys", _, "create"] if m == "POST" => "create_key",
+        ["keys", _, "rotate"] if m == "POST" => "rotate_key",
+        ["keys", _, "versions"] if m == "GET" => "list_key_versions",
+        ["keys", _, .., op] if m == "POST" => match *op {
+            "wrapkey" => "wrap",
+            "unwrapkey" => "unwrap",
+            "encrypt" => "encrypt",
+            "decrypt" => "decrypt",
+            "sign" => "sign",
+            "verify" => "verify",
+            _ => "other",
+        },
+        ["keys", _, ..] => match m {
+            "GET" => "get_key",
+            "PATCH" => "update_key",
+            "DELETE" => "delete_key",
+            _ => "other",
+        },
+        ["deletedkeys"] | ["deletedkeys", ""] if m == "GET" => "list_deleted_keys",
+        ["deletedkeys", _, "recover"] if m == "POST" => "recover_key",
+        ["deletedkeys", _] if m == "GET" => "get_deleted_key",
+        ["deletedkeys", _] if m == "DELETE" => "purge_key",
+        ["secrets"] | ["secrets", ""] if m == "GET" => "list_secrets",
+        ["secrets", _, "versions"] if m == "GET" => "list_secret_versions",
+        ["secrets", _, ..] => match m {
+            "PUT" => "set_secret",
+            "GET" => "get_secret",
+            "PATCH" => "update_secret",
+            "DELETE" => "delete_secret",
+            _ => "other",
+        },
+        ["deletedsecrets"] | ["deletedsecrets", ""] if m == "GET" => "list_deleted_secrets",
+        ["deletedsecrets", _, "recover"] if m == "POST" => "recover_secret",
+        ["deletedsecrets", _] if m == "GET" => "get_deleted_secret",
+        ["deletedsecrets", _] if m == "DELETE" => "purge_secret",
+        _ => "other",
+    }
+}
+
+/// The key or secret a data-plane path names.
+fn object_of(path: &str) -> Option<String> {
+    let mut segs = path.trim_start_matches('/').split('/');
+    let root = segs.next()?;
+    let name = segs.next()?;
+    (DATA_PLANE_ROOTS.contains(&root) && !name.is_empty()).then(|| name.to_string())
 }
 
 /// The caller a handler identified (an object id), for the request log.
 #[derive(Clone)]
 pub struct Caller(pub String);
 
+fn host_of(req: &Request) -> String {
+    req.headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .or(req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The claims of the request's bearer token if this emulator's Entra signed it and it has not
+/// expired (audience and tenant are the handler's to check).
+fn verified_claims(shared: &Shared, req: &Request) -> Option<serde_json::Value> {
+    let token = req
+        .headers()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?;
+    shared.token_key.verify(token, 0).ok()
+}
+
+/// The `client_id` field of a form body.
+fn form_client_id(body: &[u8]) -> Option<String> {
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == "client_id")
+        .map(|(_, v)| v.into_owned())
+}
+
 async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let route = route_label(req.method(), req.uri().path());
+    let mut req = req;
+    let endpoint = shared.endpoint_for_host(&host_of(&req));
+    let service = endpoint
+        .as_ref()
+        .map(|e| e.service)
+        .unwrap_or(Service::KeyVault);
+    let route = service_route_label(service, req.method(), req.uri().path());
+    let data_plane = route.starts_with("keyvault.") || route.starts_with("managedhsm.");
+    let object = data_plane.then(|| object_of(req.uri().path())).flatten();
+    let claims = if data_plane {
+        verified_claims(&shared, &req)
+    } else {
+        None
+    };
+    let mut client_id = claims
+        .as_ref()
+        .and_then(|c| c["appid"].as_str().map(str::to_string));
+    if route == "entra.token" && crate::faults::any_per_identity(&shared.faults) {
+        // The client id is in the form body: read it, then hand the body on unchanged.
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        client_id = form_client_id(&bytes);
+        req = Request::from_parts(parts, Body::from(bytes));
+    }
+    if let Some(e) = &endpoint {
+        req.extensions_mut().insert(e.clone());
+    }
     let fault = if route == "admin" {
         None
     } else {
-        crate::faults::take(&shared.faults, &route)
+        crate::faults::take_for(&shared.faults, &route, client_id.as_deref())
     };
+    let faulted = fault.is_some();
     let response = match fault {
         Some(FaultKind::Latency { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -289,11 +482,7 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
             status,
             retry_after,
         }) => {
-            let mut r = (
-                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                axum::Json(serde_json::json!({"error": {"code": "Throttled", "message": format!("injected fault: HTTP {status}")}})),
-            )
-                .into_response();
+            let mut r = fault_response(&route, status, None);
             if let Some(secs) = retry_after
                 && let Ok(v) = HeaderValue::from_str(&secs.to_string())
             {
@@ -301,6 +490,12 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
             }
             r
         }
+        Some(FaultKind::EntraError {
+            status,
+            error,
+            code,
+            description,
+        }) => fault_response(&route, status, Some((&error, code, description.as_deref()))),
         Some(FaultKind::Drop) => {
             // Headers go out, then the body breaks off: the client sees the connection die.
             let stream = BrokenBody(false);
@@ -321,6 +516,32 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
             .entry(status.to_string())
             .or_default() += 1;
     }
+    if data_plane && let Some(e) = &endpoint {
+        // Who called: the identity the handler accepted; for a faulted request (no handler
+        // ran) the identity of a token this emulator signed.
+        let auth = response
+            .extensions()
+            .get::<AuthInfo>()
+            .cloned()
+            .or_else(|| {
+                let c = claims.as_ref().filter(|_| faulted)?;
+                Some(AuthInfo {
+                    object_id: c["oid"].as_str()?.to_string(),
+                    client_id: c["appid"].as_str().unwrap_or_default().to_string(),
+                    tenant: c["tid"].as_str().unwrap_or_default().to_string(),
+                })
+            });
+        shared.records.push(RequestRecord {
+            service: e.service.label().to_string(),
+            vault: e.name.clone(),
+            route: route.clone(),
+            object,
+            object_id: auth.as_ref().map(|a| a.object_id.clone()),
+            client_id: auth.as_ref().map(|a| a.client_id.clone()),
+            tenant: auth.as_ref().map(|a| a.tenant.clone()),
+            status,
+        });
+    }
     let caller = response
         .extensions()
         .get::<Caller>()
@@ -334,6 +555,41 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
         "request"
     );
     response
+}
+
+/// An injected error: Entra's OAuth error body on Entra's routes, Key Vault's error body
+/// elsewhere. `entra` is (error, AADSTS code, description) when the fault chose them.
+fn fault_response(route: &str, status: u16, entra: Option<(&str, u32, Option<&str>)>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    if route.starts_with("entra.") {
+        let (error, aadsts, description) =
+            entra.unwrap_or_else(|| crate::entra::transient_for(status));
+        return crate::entra::aadsts_with_status(code, aadsts, error, description);
+    }
+    let (kv_code, message) = match (entra, status) {
+        (Some((error, _, description)), _) => (
+            error.to_string(),
+            description.unwrap_or("injected fault").to_string(),
+        ),
+        (None, 429) => (
+            "Throttled".to_string(),
+            "Request was not processed because too many requests were received. Reason: injected fault.".to_string(),
+        ),
+        (None, 500) => (
+            "InternalServerError".to_string(),
+            "An unexpected error occurred (injected fault).".to_string(),
+        ),
+        (None, 503) => (
+            "ServiceUnavailable".to_string(),
+            "The service is temporarily unavailable (injected fault).".to_string(),
+        ),
+        (None, s) => ("Throttled".to_string(), format!("injected fault: HTTP {s}")),
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({"error": {"code": kv_code, "message": message}})),
+    )
+        .into_response()
 }
 
 /// A body that fails at once: the response's connection breaks off.

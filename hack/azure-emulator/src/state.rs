@@ -46,6 +46,8 @@ struct Snapshot {
     tenants: BTreeMap<String, Vec<Identity>>,
     issuer_keys: BTreeMap<String, String>,
     vaults: BTreeMap<String, Vault>,
+    #[serde(default)]
+    hsms: BTreeMap<String, Vault>,
     role_assignments: Vec<RoleAssignment>,
 }
 
@@ -53,6 +55,8 @@ pub struct State {
     pub tenants: BTreeMap<String, Vec<Identity>>,
     pub issuers: BTreeMap<String, Arc<SigningKey>>,
     pub vaults: BTreeMap<String, Vault>,
+    /// Managed HSMs, by name (a namespace of their own: a vault and an HSM may share a name).
+    pub hsms: BTreeMap<String, Vault>,
     pub role_assignments: Vec<RoleAssignment>,
     file: Option<PathBuf>,
 }
@@ -80,6 +84,7 @@ impl State {
                 tenants: snap.tenants,
                 issuers,
                 vaults: snap.vaults,
+                hsms: snap.hsms,
                 role_assignments: snap.role_assignments,
                 file,
             });
@@ -88,6 +93,7 @@ impl State {
             tenants: BTreeMap::new(),
             issuers: BTreeMap::new(),
             vaults: BTreeMap::new(),
+            hsms: BTreeMap::new(),
             role_assignments: config.role_assignments.clone(),
             file,
         };
@@ -131,6 +137,7 @@ impl State {
                 .map(|(n, k)| (n.clone(), crypto::b64(k.pkcs8())))
                 .collect(),
             vaults: self.vaults.clone(),
+            hsms: self.hsms.clone(),
             role_assignments: self.role_assignments.clone(),
         };
         let text = serde_json::to_string_pretty(&snap).map_err(|e| e.to_string())?;

@@ -674,6 +674,7 @@ async fn faults_and_counters() {
         },
         count: Some(1),
         duration_ms: None,
+        client_id: None,
     });
     let (s, _, h) = kv(&emu, t, Method::GET, "/keys/kek", None).await;
     assert_eq!(s, 429);
@@ -691,6 +692,7 @@ async fn faults_and_counters() {
         },
         count: None,
         duration_ms: Some(300),
+        client_id: None,
     });
     assert_eq!(kv(&emu, t, Method::GET, "/keys/kek", None).await.0, 503);
     tokio::time::sleep(std::time::Duration::from_millis(350)).await;
@@ -704,6 +706,7 @@ async fn faults_and_counters() {
         kind: FaultKind::Latency { ms: 300 },
         count: Some(1),
         duration_ms: None,
+        client_id: None,
     });
     let start = std::time::Instant::now();
     assert_eq!(kv(&emu, t, Method::GET, "/keys/kek", None).await.0, 200);
@@ -713,6 +716,7 @@ async fn faults_and_counters() {
         kind: FaultKind::Drop,
         count: Some(1),
         duration_ms: None,
+        client_id: None,
     });
     let url = format!("{}/keys/kek?api-version=7.6", emu.vault_url("kv").unwrap());
     let dropped = async {
@@ -947,4 +951,235 @@ fn the_example_config_parses() {
             && !config.vaults.is_empty()
             && !config.role_assignments.is_empty()
     );
+}
+
+#[tokio::test]
+async fn request_records_name_the_caller() {
+    let emu = start().await;
+    let app = access_token(&emu, APP_CLIENT, "app").await;
+    let other = access_token(&emu, OTHER_CLIENT, "other").await;
+    emu.clear_records();
+    // The bearer challenge probe: recorded, with no identity.
+    assert_eq!(kv(&emu, None, Method::GET, "/keys/kek", None).await.0, 401);
+    assert_eq!(
+        kv(&emu, Some(&app), Method::GET, "/keys/kek", None).await.0,
+        200
+    );
+    assert_eq!(
+        kv(
+            &emu,
+            Some(&other),
+            Method::POST,
+            "/keys/kek//unwrapkey",
+            Some(json!({"alg": "RSA-OAEP-256", "value": "AAAA"}))
+        )
+        .await
+        .0,
+        403
+    );
+    // A faulted request still names who sent it.
+    emu.inject_fault(FaultSpec {
+        route: "keyvault.get_secret".into(),
+        kind: FaultKind::Status {
+            status: 503,
+            retry_after: None,
+        },
+        count: Some(1),
+        duration_ms: None,
+        client_id: None,
+    });
+    assert_eq!(
+        kv(&emu, Some(&app), Method::GET, "/secrets/kek-secret", None)
+            .await
+            .0,
+        503
+    );
+    let records = emu.records();
+    let vault = |route: &str, object: &str, oid: Option<&str>, client: Option<&str>, status| {
+        sealvol_azure_emulator::RequestRecord {
+            service: "keyvault".into(),
+            vault: "kv".into(),
+            route: route.into(),
+            object: Some(object.into()),
+            object_id: oid.map(str::to_string),
+            client_id: client.map(str::to_string),
+            tenant: oid.map(|_| TENANT.to_string()),
+            status,
+        }
+    };
+    assert_eq!(
+        records,
+        vec![
+            vault("keyvault.get_key", "kek", None, None, 401),
+            vault(
+                "keyvault.get_key",
+                "kek",
+                Some(APP_OID),
+                Some(APP_CLIENT),
+                200
+            ),
+            vault(
+                "keyvault.unwrap",
+                "kek",
+                Some(OTHER_OID),
+                Some(OTHER_CLIENT),
+                403
+            ),
+            vault(
+                "keyvault.get_secret",
+                "kek-secret",
+                Some(APP_OID),
+                Some(APP_CLIENT),
+                503
+            ),
+        ]
+    );
+    // The control plane serves the same records, and forgets them.
+    let c = http(&emu);
+    let served: Vec<sealvol_azure_emulator::RequestRecord> = c
+        .get(format!("{}/_emulator/records", emu.base_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served, records);
+    let r = c
+        .delete(format!("{}/_emulator/records", emu.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(emu.records().is_empty());
+    // Entra's own routes are not data-plane records.
+    access_token(&emu, APP_CLIENT, "app").await;
+    assert!(emu.records().is_empty());
+}
+
+#[tokio::test]
+async fn entra_faults_look_like_entra_and_can_target_one_identity() {
+    let emu = start().await;
+    let scope = "https://vault.azure.net/.default";
+    emu.inject_fault(FaultSpec {
+        route: "entra.token".into(),
+        kind: FaultKind::EntraError {
+            status: 503,
+            error: "temporarily_unavailable".into(),
+            code: 90033,
+            description: None,
+        },
+        count: None,
+        duration_ms: None,
+        client_id: Some(APP_CLIENT.into()),
+    });
+    let (s, b) = exchange(
+        &emu,
+        TENANT,
+        APP_CLIENT,
+        &sa_token(&emu, "cluster", "app"),
+        scope,
+    )
+    .await;
+    assert_eq!((s, aadsts(&b)), (503, 90033), "{b}");
+    assert_eq!(b["error"], "temporarily_unavailable");
+    assert!(
+        b["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS90033: ")
+    );
+    for k in ["timestamp", "trace_id", "correlation_id", "error_uri"] {
+        assert!(b[k].as_str().is_some(), "{k}: {b}");
+    }
+    // Another identity is not touched.
+    let (s, _) = exchange(
+        &emu,
+        TENANT,
+        OTHER_CLIENT,
+        &sa_token(&emu, "cluster", "other"),
+        scope,
+    )
+    .await;
+    assert_eq!(s, 200);
+    emu.clear_faults();
+    // A plain status on Entra's route answers in Entra's shape too.
+    emu.inject_fault(FaultSpec {
+        route: "entra.*".into(),
+        kind: FaultKind::Status {
+            status: 429,
+            retry_after: Some(3),
+        },
+        count: Some(1),
+        duration_ms: None,
+        client_id: None,
+    });
+    let (s, b) = exchange(
+        &emu,
+        TENANT,
+        APP_CLIENT,
+        &sa_token(&emu, "cluster", "app"),
+        scope,
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (429, Some("temporarily_unavailable"))
+    );
+    assert!(
+        b["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS")
+    );
+    emu.inject_fault(FaultSpec {
+        route: "entra.token".into(),
+        kind: FaultKind::EntraError {
+            status: 400,
+            error: "invalid_client".into(),
+            code: 70021,
+            description: Some("No matching federated identity record found.".into()),
+        },
+        count: Some(1),
+        duration_ms: None,
+        client_id: None,
+    });
+    let (s, b) = exchange(
+        &emu,
+        TENANT,
+        APP_CLIENT,
+        &sa_token(&emu, "cluster", "app"),
+        scope,
+    )
+    .await;
+    assert_eq!((s, aadsts(&b)), (400, 70021));
+    assert_eq!(b["error"], "invalid_client");
+    assert!(
+        b["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS70021: No matching federated identity record found.")
+    );
+    // Key Vault faults keep Key Vault's body, and can target one identity as well.
+    let app = access_token(&emu, APP_CLIENT, "app").await;
+    let other = access_token(&emu, OTHER_CLIENT, "other").await;
+    emu.inject_fault(FaultSpec {
+        route: "keyvault.*".into(),
+        kind: FaultKind::Status {
+            status: 503,
+            retry_after: None,
+        },
+        count: None,
+        duration_ms: None,
+        client_id: Some(OTHER_CLIENT.into()),
+    });
+    let (s, b, _) = kv(&emu, Some(&other), Method::GET, "/keys/kek", None).await;
+    assert_eq!(s, 503);
+    assert!(b["error"]["code"].as_str().is_some(), "{b}");
+    assert_eq!(
+        kv(&emu, Some(&app), Method::GET, "/keys/kek", None).await.0,
+        200
+    );
+    // Without a token the caller is unknown: a per-identity fault does not apply.
+    assert_eq!(kv(&emu, None, Method::GET, "/keys/kek", None).await.0, 401);
 }
