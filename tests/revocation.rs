@@ -217,6 +217,7 @@ async fn transient_failures_lock_only_after_the_grace() {
     )
     .await;
     azure.emu.inject_fault(FaultSpec {
+        client_id: None,
         route: "keyvault.unwrap".into(),
         kind: FaultKind::Status {
             status: 503,
@@ -235,6 +236,7 @@ async fn transient_failures_lock_only_after_the_grace() {
     v.assert_usable();
     // A longer one locks.
     azure.emu.inject_fault(FaultSpec {
+        client_id: None,
         route: "keyvault.unwrap".into(),
         kind: FaultKind::Status {
             status: 503,
@@ -290,28 +292,78 @@ async fn the_interval_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_and_unmount_takes_the_volume_from_the_pod() {
+async fn lock_and_unmount_is_refused_with_the_reason() {
+    let azure = Azure::start().await;
+    let (_node, mut c) = node_for(&azure).await;
+    let mut params = azure.params("keyvault-key");
+    params.push(("onRevoke".into(), "lock-and-unmount".into()));
+    let refs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let s = refused(
+        c.controller
+            .create_volume(requests::create("pvc-unmount", 32 * MIB, &refs))
+            .await,
+    );
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().starts_with("onRevoke"), "{}", s.message());
+    assert!(s.message().contains("evict"), "{}", s.message());
+}
+
+fn entra_fault(status: u16, error: &str, code: u32) -> FaultSpec {
+    FaultSpec {
+        client_id: Some(APP.into()),
+        route: "entra.token".into(),
+        kind: FaultKind::EntraError {
+            status,
+            error: error.into(),
+            code,
+            description: None,
+        },
+        count: None,
+        duration_ms: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_transient_errors_stay_within_the_grace_and_refusals_lock_at_once() {
     let azure = Azure::start().await;
     let mut v = Published::start(
         &azure,
-        &["--reauthorize-interval=0"],
-        &[("onRevoke", "lock-and-unmount")],
+        &["--reauthorize-interval=0", "--revoke-grace=1h"],
+        &[],
     )
     .await;
-    assert!(azure.emu.revoke_role(&app_role()));
-    assert_eq!(
-        v.republish(&azure).await.unwrap_err().code(),
-        Code::PermissionDenied
-    );
-    assert!(!v.key_present());
-    assert!(
-        !is_mounted(&v.target),
-        "the pod's view of the volume is gone"
-    );
-    // Restored: the next publish is a full one again, and the data is there.
-    azure.emu.assign_role(app_role());
+    // Entra's transient errors carry AADSTS codes too: they are not refusals.
+    for (status, error, code) in [
+        (503, "temporarily_unavailable", 90033),
+        (500, "server_error", 90006),
+        (429, "temporarily_unavailable", 90033),
+        (400, "invalid_request", 90006),
+    ] {
+        azure.emu.inject_fault(entra_fault(status, error, code));
+        let s = v.republish(&azure).await.unwrap_err();
+        assert_eq!(
+            s.code(),
+            Code::Unavailable,
+            "{status} AADSTS{code}: {}",
+            s.message()
+        );
+        assert!(s.message().contains("stays usable"), "{}", s.message());
+        v.assert_usable();
+        azure.emu.clear_faults();
+        v.republish(&azure).await.unwrap();
+    }
+    // A definitive refusal locks at once, whatever the grace.
+    azure
+        .emu
+        .inject_fault(entra_fault(400, "invalid_client", 70021));
+    let s = v.republish(&azure).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    v.assert_locked();
+    azure.emu.clear_faults();
     v.republish(&azure).await.unwrap();
-    assert!(is_mounted(&v.target));
     v.assert_usable();
     v.finish().await;
 }

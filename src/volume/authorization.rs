@@ -270,7 +270,6 @@ impl Manager {
                     "ok",
                     latency,
                 );
-                self.rewrap(vol, &dek, &req.auth, &principal);
                 Ok((dek, principal))
             }
             Err(e) => {
@@ -543,7 +542,8 @@ impl Manager {
         Ok(())
     }
 
-    /// KEK rotation on a publish: best effort, the old wrap stays valid when it fails.
+    /// KEK rotation, on a due re-authorization (so that a first publish stays at two Key Vault
+    /// calls): best effort, the old wrap stays valid when it fails.
     fn rewrap(&self, vol: &mut Volume, dek: &Dek, auth: &PodAuth, principal: &Principal) {
         let (id, file, generation) = (vol.id.clone(), vol.file.path.clone(), vol.generation);
         let mut saved = None;
@@ -565,7 +565,7 @@ impl Manager {
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| millis(d))
+        .map(millis)
         .unwrap_or(0)
 }
 
