@@ -25,6 +25,8 @@ pub const CLOCK_SKEW_SECS: u64 = 300;
 const JWKS_TTL: Duration = Duration::from_secs(60);
 /// The audience Key Vault access tokens carry.
 pub const KEYVAULT_RESOURCE: &str = "https://vault.azure.net";
+/// The audience Managed HSM access tokens carry.
+pub const MANAGED_HSM_RESOURCE: &str = "https://managedhsm.azure.net";
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
