@@ -36,6 +36,7 @@ pub fn routes() -> Router<Arc<Shared>> {
             post(add_role).delete(remove_role),
         )
         .route("/_emulator/vaults/{vault}/keys", post(add_key))
+        .route("/_emulator/hsms/{vault}/keys", post(add_key))
         .route("/_emulator/issuers/{name}", post(add_issuer))
         .route("/_emulator/issuers/{name}/token", post(mint_token))
         .route("/_emulator/faults", post(add_fault).delete(clear_faults))
@@ -124,19 +125,10 @@ async fn add_role(State(s): State<Arc<Shared>>, Json(ra): Json<RoleAssignment>) 
     if let Some(r) = disabled(&s) {
         return r;
     }
-    if !rbac::ROLES.contains(&ra.role.as_str()) {
-        return bad(format!(
-            "unknown role {:?}; built-in roles: {}",
-            ra.role,
-            rbac::ROLES.join(", ")
-        ));
+    if let Err(e) = rbac::validate(&ra) {
+        return bad(e);
     }
-    {
-        let mut state = s.lock();
-        if !state.role_assignments.contains(&ra) {
-            state.role_assignments.push(ra);
-        }
-    }
+    s.lock().change_role(ra, true);
     done(&s)
 }
 
@@ -144,13 +136,8 @@ async fn remove_role(State(s): State<Arc<Shared>>, Json(ra): Json<RoleAssignment
     if let Some(r) = disabled(&s) {
         return r;
     }
-    {
-        let mut state = s.lock();
-        let before = state.role_assignments.len();
-        state.role_assignments.retain(|r| r != &ra);
-        if state.role_assignments.len() == before {
-            return StatusCode::NOT_FOUND.into_response();
-        }
+    if !s.lock().change_role(ra, false) {
+        return StatusCode::NOT_FOUND.into_response();
     }
     done(&s)
 }

@@ -1,7 +1,8 @@
 //! The emulator's configuration file (JSON or YAML): tenants with their identities and
-//! federated credentials, fake Kubernetes issuers, vaults with keys and secrets, and role
-//! assignments. `{emulator}` in an issuer URL stands for the emulator's own base URL, which
-//! is only known once it listens (port 0).
+//! federated credentials, fake Kubernetes issuers, vaults with keys and secrets, Managed HSMs
+//! with keys, role assignments (Key Vault, Managed HSM local RBAC, Storage Blob Data), and the
+//! role-assignment propagation delay. `{emulator}` in an issuer URL stands for the emulator's
+//! own base URL, which is only known once it listens (port 0).
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +16,15 @@ pub struct Config {
     pub issuers: Vec<String>,
     #[serde(default)]
     pub vaults: Vec<VaultConfig>,
+    /// Managed HSMs, each on its own port like a vault.
+    #[serde(default)]
+    pub hsms: Vec<HsmConfig>,
     #[serde(default)]
     pub role_assignments: Vec<RoleAssignment>,
+    /// How long a role assignment change (control plane or Rust API) takes to take effect, in
+    /// milliseconds (Azure: up to ten minutes; default 0, at once).
+    #[serde(default)]
+    pub propagation_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +45,13 @@ pub struct Identity {
     pub object_id: String,
     #[serde(default)]
     pub federated_credentials: Vec<FederatedCredential>,
+    /// A managed identity (its access tokens live about 24 hours, as Entra issues them to
+    /// managed identities) rather than an app registration (about an hour).
+    #[serde(default)]
+    pub managed: bool,
+    /// The access-token lifetime in seconds, overriding the default of its kind.
+    #[serde(default)]
+    pub token_lifetime_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,18 +68,66 @@ pub fn default_audiences() -> Vec<String> {
     vec!["api://AzureADTokenExchange".to_string()]
 }
 
+/// Soft-delete settings of a vault or Managed HSM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreSettings {
+    pub purge_protection: bool,
+    pub soft_delete_retention_days: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
     pub name: String,
     pub tenant: String,
+    /// RSA or RSA-HSM keys (symmetric keys belong to a Managed HSM).
     #[serde(default)]
-    pub keys: Vec<KeySpec>,
+    pub keys: Vec<KeyConfig>,
     #[serde(default)]
     pub secrets: Vec<SecretSpec>,
+    /// Purge protection: deleted keys and secrets cannot be purged.
+    #[serde(default)]
+    pub purge_protection: bool,
+    /// Soft-delete retention, 7 to 90 days (default 90).
+    #[serde(default)]
+    pub soft_delete_retention_days: Option<u32>,
 }
 
-/// A key to create: `kty` RSA (size 2048, 3072 or 4096) or oct-HSM (size 256).
+impl VaultConfig {
+    pub fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            purge_protection: self.purge_protection,
+            soft_delete_retention_days: self.soft_delete_retention_days,
+        }
+    }
+}
+
+/// A Managed HSM: keys only (RSA-HSM, oct-HSM), its own local RBAC scopes `/hsms/{name}`,
+/// `/hsms/{name}/keys` and `/hsms/{name}/keys/{key}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    pub name: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    #[serde(default)]
+    pub purge_protection: bool,
+    #[serde(default)]
+    pub soft_delete_retention_days: Option<u32>,
+}
+
+impl HsmConfig {
+    pub fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            purge_protection: self.purge_protection,
+            soft_delete_retention_days: self.soft_delete_retention_days,
+        }
+    }
+}
+
+/// A key to create through the Rust API: `kty` RSA or RSA-HSM (size 2048, 3072 or 4096) in a
+/// vault, RSA-HSM or oct-HSM (size 256) in a Managed HSM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySpec {
@@ -73,6 +136,32 @@ pub struct KeySpec {
     pub kty: String,
     #[serde(default)]
     pub size: Option<u32>,
+}
+
+/// A key in the configuration file: a `KeySpec` plus the attributes Key Vault keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: String,
+    #[serde(default = "default_kty")]
+    pub kty: String,
+    #[serde(default)]
+    pub size: Option<u32>,
+    /// The operations the key allows (`encrypt`, `decrypt`, `sign`, `verify`, `wrapKey`,
+    /// `unwrapKey`); all of its type's when absent.
+    #[serde(default)]
+    pub key_ops: Option<Vec<String>>,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Not before / expires, seconds since the epoch.
+    #[serde(default)]
+    pub nbf: Option<u64>,
+    #[serde(default)]
+    pub exp: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_kty() -> String {
@@ -87,7 +176,10 @@ pub struct SecretSpec {
 }
 
 /// `principal` is an identity's object id; `role` a built-in role name; `scope` is
-/// `/vaults/{vault}`, `/vaults/{vault}/keys/{key}` or `/vaults/{vault}/secrets/{secret}`.
+/// `/vaults/{vault}`, `/vaults/{vault}/keys/{key}` or `/vaults/{vault}/secrets/{secret}` for
+/// Key Vault roles, `/hsms/{hsm}`, `/hsms/{hsm}/keys` or `/hsms/{hsm}/keys/{key}` for Managed
+/// HSM roles, `/storageAccounts/{account}` or
+/// `/storageAccounts/{account}/containers/{container}` for Storage Blob Data roles.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleAssignment {

@@ -147,6 +147,63 @@ pub fn aes_kw_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Whether Key Vault signs with `alg` on RSA keys (RS256/384/512, PS256/384/512).
+pub fn signature_alg_ok(alg: &str) -> bool {
+    signature_params(alg).is_some()
+}
+
+type SignatureParams = (
+    &'static dyn aws_lc_rs::signature::RsaEncoding,
+    &'static aws_lc_rs::signature::RsaParameters,
+    &'static aws_lc_rs::digest::Algorithm,
+);
+
+fn signature_params(alg: &str) -> Option<SignatureParams> {
+    use aws_lc_rs::digest::{SHA256, SHA384, SHA512};
+    use aws_lc_rs::signature::*;
+    Some(match alg {
+        "RS256" => (&RSA_PKCS1_SHA256, &RSA_PKCS1_2048_8192_SHA256, &SHA256),
+        "RS384" => (&RSA_PKCS1_SHA384, &RSA_PKCS1_2048_8192_SHA384, &SHA384),
+        "RS512" => (&RSA_PKCS1_SHA512, &RSA_PKCS1_2048_8192_SHA512, &SHA512),
+        "PS256" => (&RSA_PSS_SHA256, &RSA_PSS_2048_8192_SHA256, &SHA256),
+        "PS384" => (&RSA_PSS_SHA384, &RSA_PSS_2048_8192_SHA384, &SHA384),
+        "PS512" => (&RSA_PSS_SHA512, &RSA_PSS_2048_8192_SHA512, &SHA512),
+        _ => return None,
+    })
+}
+
+fn import_digest(
+    alg: &'static aws_lc_rs::digest::Algorithm,
+    digest: &[u8],
+) -> Result<aws_lc_rs::digest::Digest, String> {
+    aws_lc_rs::digest::Digest::import_less_safe(digest, alg).map_err(|_| {
+        format!(
+            "The digest must be {} bytes for this algorithm.",
+            alg.output_len()
+        )
+    })
+}
+
+/// Signs a digest the caller computed, as Key Vault's sign operation does.
+pub fn rsa_sign(pkcs8: &[u8], alg: &str, digest: &[u8]) -> Result<Vec<u8>, String> {
+    let (encoding, _, hash) = signature_params(alg).ok_or("unsupported algorithm")?;
+    let digest = import_digest(hash, digest)?;
+    let pair = KeyPair::from_pkcs8(pkcs8).map_err(|e| e.to_string())?;
+    let mut sig = vec![0u8; pair.public_modulus_len()];
+    pair.sign_digest(encoding, &digest, &mut sig)
+        .map_err(|_| "signing failed".to_string())?;
+    Ok(sig)
+}
+
+/// Verifies a signature over a digest; whether it holds.
+pub fn rsa_verify(pkcs8: &[u8], alg: &str, digest: &[u8], sig: &[u8]) -> Result<bool, String> {
+    let (_, params, hash) = signature_params(alg).ok_or("unsupported algorithm")?;
+    let digest = import_digest(hash, digest)?;
+    let pair = KeyPair::from_pkcs8(pkcs8).map_err(|e| e.to_string())?;
+    let public = aws_lc_rs::signature::UnparsedPublicKey::new(params, pair.public_key().as_ref());
+    Ok(public.verify_digest(&digest, sig).is_ok())
+}
+
 /// An RS256 signing key with its JWK (`kid`, `n`, `e`).
 pub struct SigningKey {
     pub kid: String,

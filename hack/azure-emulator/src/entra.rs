@@ -1,9 +1,11 @@
 //! Entra ID, the client-assertion (workload identity) flow: OpenID discovery, MSAL's instance
-//! discovery, and the v2.0 token endpoint. An assertion is accepted the way Entra accepts one
-//! for a federated identity credential: issuer, subject and audience must match a credential of
-//! the client id, the signature must verify against the JWKS the issuer publishes (fetched over
-//! HTTPS, cached for a minute), and exp/nbf hold within Entra's five-minute clock skew. Errors
-//! carry the real AADSTS codes in Entra's JSON shape.
+//! discovery, and the v2.0 token endpoint, issuing v1.0-shaped access tokens for one known
+//! resource per request (Key Vault, Managed HSM, Storage, ...) with the lifetime of the
+//! identity's kind. An assertion is accepted the way Entra accepts one for a federated identity
+//! credential: issuer, subject and audience must match a credential of the client id, the
+//! signature must verify against the JWKS the issuer publishes (fetched over HTTPS, cached for
+//! a minute), and exp/nbf hold within Entra's five-minute clock skew. Errors carry the real
+//! AADSTS codes in Entra's JSON shape.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,11 +22,73 @@ use crate::config::FederatedCredential;
 use crate::crypto;
 use crate::server::{Caller, Shared};
 
+/// Access-token lifetime for a managed identity: about a day, as Entra issues them.
+pub const MANAGED_IDENTITY_TOKEN_SECS: u64 = 86_400;
+/// Access-token lifetime for an app registration: an hour.
+pub const APP_TOKEN_SECS: u64 = 3_600;
+
+/// The resources this Entra issues tokens for (their application id URIs).
+pub const KNOWN_RESOURCES: &[&str] = &[
+    KEYVAULT_RESOURCE,
+    MANAGED_HSM_RESOURCE,
+    STORAGE_RESOURCE,
+    "https://management.azure.com",
+    "https://graph.microsoft.com",
+];
+
+/// The one resource a client-credentials `scope` asks for (`{resource}/.default`), or
+/// Entra's refusal: no `.default` scope or several resources is AADSTS70011 invalid_scope
+/// (as Entra answers, Azure/azure-sdk-for-net#9076), an unknown resource AADSTS500011
+/// invalid_resource (https://learn.microsoft.com/entra/identity-platform/reference-error-codes).
+fn resource_of_scope(scope: &str, tenant: &str) -> Result<String, Response> {
+    let invalid = |why: &str| {
+        aadsts(
+            70011,
+            "invalid_scope",
+            &format!(
+                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid.{why}"
+            ),
+        )
+    };
+    let scopes: Vec<&str> = scope.split_whitespace().collect();
+    let mut resources: Vec<String> = Vec::new();
+    for s in &scopes {
+        match s.strip_suffix("/.default") {
+            Some(r) => {
+                let r = r.trim_end_matches('/').to_string();
+                if !resources.contains(&r) {
+                    resources.push(r);
+                }
+            }
+            None => return Err(invalid(" The scope requested must end in /.default.")),
+        }
+    }
+    let resource = match resources.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(invalid(" The scope requested must end in /.default.")),
+        _ => return Err(invalid("")),
+    };
+    if !KNOWN_RESOURCES.contains(&resource.as_str()) {
+        return Err(aadsts(
+            500011,
+            "invalid_resource",
+            &format!(
+                "The resource principal named {resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You might have sent your authentication request to the wrong tenant."
+            ),
+        ));
+    }
+    Ok(resource)
+}
+
 /// Entra's tolerance for clock skew on an assertion's exp and nbf.
 pub const CLOCK_SKEW_SECS: u64 = 300;
 const JWKS_TTL: Duration = Duration::from_secs(60);
 /// The audience Key Vault access tokens carry.
 pub const KEYVAULT_RESOURCE: &str = "https://vault.azure.net";
+/// The audience Managed HSM access tokens carry.
+pub const MANAGED_HSM_RESOURCE: &str = "https://managedhsm.azure.net";
+/// The audience Azure Storage access tokens carry.
+pub const STORAGE_RESOURCE: &str = "https://storage.azure.com";
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -316,37 +380,49 @@ async fn token(
         };
     }
     let scope = field("scope");
-    let Some(resource) = scope.split(' ').find_map(|s| s.strip_suffix("/.default")) else {
-        return aadsts(
-            70011,
-            "invalid_scope",
-            &format!(
-                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid: '{scope}'. The scope requested must end in /.default."
-            ),
-        );
+    let resource = match resource_of_scope(scope, &tenant) {
+        Ok(r) => r,
+        Err(r) => return r,
     };
     let now = crypto::now();
-    let claims = json!({
+    let lifetime = identity.token_lifetime_secs.unwrap_or(if identity.managed {
+        MANAGED_IDENTITY_TOKEN_SECS
+    } else {
+        APP_TOKEN_SECS
+    });
+    // Access tokens in the v1.0 shape the resources take
+    // (https://learn.microsoft.com/entra/identity-platform/access-token-claims-reference): the
+    // resource applications (Key Vault, Managed HSM, Storage) accept v1.0 tokens.
+    let mut claims = json!({
         "aud": resource,
-        "iss": format!("{}/{tenant}/v2.0", shared.base_url),
-        "tid": tenant,
-        "oid": identity.object_id,
-        "sub": identity.object_id,
-        "appid": identity.client_id,
-        "azp": identity.client_id,
+        "iss": format!("https://sts.windows.net/{tenant}/"),
         "iat": now,
         "nbf": now,
-        "exp": now + 3600,
-        "ver": "2.0",
+        "exp": now + lifetime,
+        "appid": identity.client_id,
+        "appidacr": "2",
+        "idp": format!("https://sts.windows.net/{tenant}/"),
+        "idtyp": "app",
+        "oid": identity.object_id,
+        "sub": identity.object_id,
+        "tid": tenant,
+        "uti": crypto::random_hex(11),
+        "ver": "1.0",
     });
+    if identity.managed {
+        claims["xms_mirid"] = json!(format!(
+            "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/emulator/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{}",
+            identity.name
+        ));
+    }
     let access_token = match shared.token_key.sign(&claims) {
         Ok(t) => t,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     };
     let mut response = Json(json!({
         "token_type": "Bearer",
-        "expires_in": 3599,
-        "ext_expires_in": 3599,
+        "expires_in": lifetime.saturating_sub(1),
+        "ext_expires_in": lifetime.saturating_sub(1),
         "access_token": access_token,
     }))
     .into_response();

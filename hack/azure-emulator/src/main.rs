@@ -13,7 +13,7 @@ use sealvol_azure_emulator::{Config, Emulator, Options, TokenRequest};
 #[command(
     name = "sealvol-azure-emulator",
     version,
-    about = "Entra ID and Key Vault, emulated for sealvol's tests and demo"
+    about = "Entra ID, Key Vault and Managed HSM, emulated for sealvol's tests and demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,12 +22,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve Entra ID, Key Vault and the fake Kubernetes issuers over HTTPS.
+    /// Serve Entra ID, Key Vault, Managed HSM and the fake Kubernetes issuers over HTTPS.
     Serve {
         /// Address to listen on (port 0 picks one; the bound address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
-        /// Tenants, identities, issuers, vaults, keys, secrets, role assignments (JSON or YAML).
+        /// Tenants, identities, issuers, vaults, Managed HSMs, keys, secrets, role assignments
+        /// (JSON or YAML).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Keep keys, secrets and assignments across restarts in this file.
@@ -115,13 +116,17 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::write(&path, &emulator.ca_cert_pem)
                     .with_context(|| format!("--ca-out {}", path.display()))?;
             }
-            // First line: the authority host and issuer base; then one line per vault.
+            // First line: the authority host and issuer base; then one line per vault, then one
+            // per Managed HSM.
             println!("{}", emulator.base_url);
             for (name, _) in emulator.shared.vault_ports.iter() {
                 println!(
                     "vault {name} {}",
                     emulator.vault_url(name).unwrap_or_default()
                 );
+            }
+            for (name, _) in emulator.shared.hsm_ports.iter() {
+                println!("hsm {name} {}", emulator.hsm_url(name).unwrap_or_default());
             }
             std::io::stdout().flush()?;
             tokio::signal::ctrl_c().await?;

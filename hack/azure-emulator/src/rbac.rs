@@ -1,7 +1,12 @@
-//! Key Vault's data-plane RBAC: the built-in roles by their real names, the data actions each
-//! grants, and scopes (a vault, or one key or secret in it).
+//! Data-plane RBAC: Key Vault's built-in roles
+//! (https://learn.microsoft.com/azure/key-vault/general/rbac-guide), Managed HSM's local RBAC
+//! roles (https://learn.microsoft.com/azure/key-vault/managed-hsm/built-in-roles) and the
+//! Storage Blob Data roles, by their real names; the data actions each grants; and scopes (a
+//! vault, or one key or secret in it; an HSM, its keys, or one key; a storage account or one
+//! container).
 
 use crate::config::RoleAssignment;
+use crate::server::Service;
 
 /// The data actions the emulated routes need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,38 +20,94 @@ pub enum Action {
     KeyUnwrap,
     KeyEncrypt,
     KeyDecrypt,
+    KeySign,
+    KeyVerify,
+    /// Reading deleted keys (listing them, getting one).
+    KeyReadDeleted,
+    KeyRecover,
+    KeyPurge,
     SecretGet,
+    /// Listing secrets and their versions, reading deleted secrets (`readMetadata`).
+    SecretRead,
     SecretSet,
     SecretDelete,
+    SecretRecover,
+    SecretPurge,
 }
 
 impl Action {
     /// The Azure data action string, as RBAC errors name it.
     pub fn data_action(self) -> &'static str {
+        self.data_action_in(Service::KeyVault)
+    }
+
+    /// The data action string of `service`.
+    pub fn data_action_in(self, service: Service) -> &'static str {
+        use Action::*;
+        if service == Service::ManagedHsm {
+            return match self {
+                KeyRead => "Microsoft.KeyVault/managedHsm/keys/read/action",
+                KeyCreate => "Microsoft.KeyVault/managedHsm/keys/create",
+                KeyUpdate => "Microsoft.KeyVault/managedHsm/keys/write/action",
+                KeyDelete => "Microsoft.KeyVault/managedHsm/keys/delete",
+                KeyRotate => "Microsoft.KeyVault/managedHsm/keys/rotate/action",
+                KeyWrap => "Microsoft.KeyVault/managedHsm/keys/wrap/action",
+                KeyUnwrap => "Microsoft.KeyVault/managedHsm/keys/unwrap/action",
+                KeyEncrypt => "Microsoft.KeyVault/managedHsm/keys/encrypt/action",
+                KeyDecrypt => "Microsoft.KeyVault/managedHsm/keys/decrypt/action",
+                KeySign => "Microsoft.KeyVault/managedHsm/keys/sign/action",
+                KeyVerify => "Microsoft.KeyVault/managedHsm/keys/verify/action",
+                KeyReadDeleted => "Microsoft.KeyVault/managedHsm/keys/deletedKeys/read/action",
+                KeyRecover => "Microsoft.KeyVault/managedHsm/keys/deletedKeys/recover/action",
+                KeyPurge => "Microsoft.KeyVault/managedHsm/keys/deletedKeys/delete",
+                _ => "Microsoft.KeyVault/managedHsm/secrets",
+            };
+        }
         match self {
-            Action::KeyRead => "Microsoft.KeyVault/vaults/keys/read",
-            Action::KeyCreate => "Microsoft.KeyVault/vaults/keys/create/action",
-            Action::KeyUpdate => "Microsoft.KeyVault/vaults/keys/update/action",
-            Action::KeyDelete => "Microsoft.KeyVault/vaults/keys/delete",
-            Action::KeyRotate => "Microsoft.KeyVault/vaults/keys/rotate/action",
-            Action::KeyWrap => "Microsoft.KeyVault/vaults/keys/wrap/action",
-            Action::KeyUnwrap => "Microsoft.KeyVault/vaults/keys/unwrap/action",
-            Action::KeyEncrypt => "Microsoft.KeyVault/vaults/keys/encrypt/action",
-            Action::KeyDecrypt => "Microsoft.KeyVault/vaults/keys/decrypt/action",
-            Action::SecretGet => "Microsoft.KeyVault/vaults/secrets/getSecret/action",
-            Action::SecretSet => "Microsoft.KeyVault/vaults/secrets/setSecret/action",
-            Action::SecretDelete => "Microsoft.KeyVault/vaults/secrets/delete",
+            KeyRead | KeyReadDeleted => "Microsoft.KeyVault/vaults/keys/read",
+            KeyCreate => "Microsoft.KeyVault/vaults/keys/create/action",
+            KeyUpdate => "Microsoft.KeyVault/vaults/keys/update/action",
+            KeyDelete => "Microsoft.KeyVault/vaults/keys/delete",
+            KeyRotate => "Microsoft.KeyVault/vaults/keys/rotate/action",
+            KeyWrap => "Microsoft.KeyVault/vaults/keys/wrap/action",
+            KeyUnwrap => "Microsoft.KeyVault/vaults/keys/unwrap/action",
+            KeyEncrypt => "Microsoft.KeyVault/vaults/keys/encrypt/action",
+            KeyDecrypt => "Microsoft.KeyVault/vaults/keys/decrypt/action",
+            KeySign => "Microsoft.KeyVault/vaults/keys/sign/action",
+            KeyVerify => "Microsoft.KeyVault/vaults/keys/verify/action",
+            KeyRecover => "Microsoft.KeyVault/vaults/keys/recover/action",
+            KeyPurge => "Microsoft.KeyVault/vaults/keys/purge/action",
+            SecretGet => "Microsoft.KeyVault/vaults/secrets/getSecret/action",
+            SecretRead => "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
+            SecretSet => "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+            SecretDelete => "Microsoft.KeyVault/vaults/secrets/delete",
+            SecretRecover => "Microsoft.KeyVault/vaults/secrets/recover/action",
+            SecretPurge => "Microsoft.KeyVault/vaults/secrets/purge/action",
         }
     }
 
     fn is_key(self) -> bool {
         !matches!(
             self,
-            Action::SecretGet | Action::SecretSet | Action::SecretDelete
+            Action::SecretGet
+                | Action::SecretRead
+                | Action::SecretSet
+                | Action::SecretDelete
+                | Action::SecretRecover
+                | Action::SecretPurge
+        )
+    }
+
+    fn is_key_crypto(self) -> bool {
+        use Action::*;
+        matches!(
+            self,
+            KeyWrap | KeyUnwrap | KeyEncrypt | KeyDecrypt | KeySign | KeyVerify
         )
     }
 }
 
+/// Key Vault's built-in data-plane roles.
 pub const ROLES: &[&str] = &[
     "Key Vault Administrator",
     "Key Vault Crypto Officer",
@@ -57,24 +118,87 @@ pub const ROLES: &[&str] = &[
     "Key Vault Reader",
 ];
 
-/// Whether built-in `role` grants `action`.
+/// Managed HSM's built-in local RBAC roles the emulator knows.
+pub const HSM_ROLES: &[&str] = &[
+    "Managed HSM Administrator",
+    "Managed HSM Crypto Officer",
+    "Managed HSM Crypto User",
+    "Managed HSM Crypto Service Encryption User",
+    "Managed HSM Crypto Auditor",
+];
+
+/// The Storage Blob Data roles
+/// (https://learn.microsoft.com/azure/role-based-access-control/built-in-roles/storage).
+pub const STORAGE_ROLES: &[&str] = &[
+    "Storage Blob Data Reader",
+    "Storage Blob Data Contributor",
+    "Storage Blob Data Owner",
+];
+
+/// Whether built-in Key Vault or Managed HSM `role` grants `action`.
 pub fn grants(role: &str, action: Action) -> bool {
     use Action::*;
     match role {
         "Key Vault Administrator" => true,
         "Key Vault Crypto Officer" => action.is_key(),
-        "Key Vault Crypto User" => matches!(
-            action,
-            KeyRead | KeyUpdate | KeyWrap | KeyUnwrap | KeyEncrypt | KeyDecrypt
-        ),
+        "Key Vault Crypto User" => {
+            matches!(action, KeyRead | KeyReadDeleted | KeyUpdate) || action.is_key_crypto()
+        }
         "Key Vault Crypto Service Encryption User" => {
-            matches!(action, KeyRead | KeyWrap | KeyUnwrap)
+            matches!(action, KeyRead | KeyReadDeleted | KeyWrap | KeyUnwrap)
         }
         "Key Vault Secrets Officer" => !action.is_key(),
-        "Key Vault Secrets User" => action == SecretGet,
-        "Key Vault Reader" => action == KeyRead,
+        "Key Vault Secrets User" => matches!(action, SecretGet | SecretRead),
+        "Key Vault Reader" => matches!(action, KeyRead | KeyReadDeleted | SecretRead),
+        // Managed HSM: key management and crypto, but not deleted keys or purge.
+        "Managed HSM Crypto User" => {
+            matches!(
+                action,
+                KeyRead | KeyCreate | KeyUpdate | KeyDelete | KeyRotate
+            ) || action.is_key_crypto()
+        }
+        // Deleted keys (read, recover, purge) and role management; no key use.
+        "Managed HSM Crypto Officer" => {
+            matches!(action, KeyReadDeleted | KeyRecover | KeyPurge)
+        }
+        "Managed HSM Crypto Service Encryption User" => {
+            matches!(action, KeyRead | KeyWrap | KeyUnwrap)
+        }
+        "Managed HSM Crypto Auditor" => action == KeyRead,
+        // Security domain, backup and roles only: no key operation.
+        "Managed HSM Administrator" => false,
         _ => false,
     }
+}
+
+/// Whether a role assignment is well formed: a known role at a scope of its own service.
+pub fn validate(ra: &RoleAssignment) -> Result<(), String> {
+    let segs: Vec<&str> = ra.scope.trim_start_matches('/').split('/').collect();
+    let (roles, ok): (&[&str], bool) = match segs.as_slice() {
+        ["vaults", v] | ["vaults", v, "keys" | "secrets", _] => (ROLES, !v.is_empty()),
+        ["hsms", h] | ["hsms", h, ""] | ["hsms", h, "keys"] | ["hsms", h, "keys", _] => {
+            (HSM_ROLES, !h.is_empty())
+        }
+        ["storageAccounts", a] | ["storageAccounts", a, "containers", _] => {
+            (STORAGE_ROLES, !a.is_empty())
+        }
+        _ => (&[], false),
+    };
+    if !ok {
+        return Err(format!(
+            "scope {:?} is not /vaults/V[/keys/K|/secrets/S], /hsms/H[/keys[/K]] or /storageAccounts/A[/containers/C]",
+            ra.scope
+        ));
+    }
+    if !roles.contains(&ra.role.as_str()) {
+        return Err(format!(
+            "unknown role {:?} for scope {}; built-in roles there: {}",
+            ra.role,
+            ra.scope,
+            roles.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `principal` may do `action` on `object` (`keys/NAME` or `secrets/NAME`) in `vault`.
@@ -85,12 +209,65 @@ pub fn allowed(
     object: &str,
     action: Action,
 ) -> bool {
-    let vault_scope = format!("/vaults/{vault}");
-    let object_scope = format!("/vaults/{vault}/{object}");
+    allowed_in(
+        assignments,
+        principal,
+        Service::KeyVault,
+        vault,
+        object,
+        action,
+    )
+}
+
+/// Whether `principal` may do `action` on `object` (`keys/NAME`, `secrets/NAME`, or `keys`
+/// for the collection) in vault or Managed HSM `name`.
+pub fn allowed_in(
+    assignments: &[RoleAssignment],
+    principal: &str,
+    service: Service,
+    name: &str,
+    object: &str,
+    action: Action,
+) -> bool {
+    let scopes: Vec<String> = match service {
+        Service::KeyVault => vec![
+            format!("/vaults/{name}"),
+            format!("/vaults/{name}/{object}"),
+        ],
+        Service::ManagedHsm => vec![
+            format!("/hsms/{name}"),
+            format!("/hsms/{name}/"),
+            format!("/hsms/{name}/keys"),
+            format!("/hsms/{name}/{object}"),
+        ],
+    };
+    assignments
+        .iter()
+        .any(|a| a.principal == principal && scopes.contains(&a.scope) && grants(&a.role, action))
+}
+
+/// Whether `principal` may read (or, with `write`, write) blobs in `container` of storage
+/// `account`, by its Storage Blob Data roles. For tests that pair the emulator's tokens with
+/// a Blob endpoint (Azurite) that does not check roles itself.
+pub fn blob_allowed(
+    assignments: &[RoleAssignment],
+    principal: &str,
+    account: &str,
+    container: &str,
+    write: bool,
+) -> bool {
+    let scopes = [
+        format!("/storageAccounts/{account}"),
+        format!("/storageAccounts/{account}/containers/{container}"),
+    ];
     assignments.iter().any(|a| {
         a.principal == principal
-            && (a.scope == vault_scope || a.scope == object_scope)
-            && grants(&a.role, action)
+            && scopes.contains(&a.scope)
+            && match a.role.as_str() {
+                "Storage Blob Data Owner" | "Storage Blob Data Contributor" => true,
+                "Storage Blob Data Reader" => !write,
+                _ => false,
+            }
     })
 }
 
@@ -132,9 +309,92 @@ mod tests {
         assert!(!grants("Key Vault Secrets User", Action::SecretSet));
         assert!(!grants("Key Vault Reader", Action::SecretGet));
         assert!(grants("Key Vault Crypto Officer", Action::KeyCreate));
+        assert!(grants("Key Vault Crypto Officer", Action::KeyPurge));
         assert!(!grants("Key Vault Crypto Officer", Action::SecretGet));
         assert!(!grants("Key Vault Crypto User", Action::KeyCreate));
         assert!(grants("Key Vault Administrator", Action::SecretDelete));
         assert!(!grants("Owner", Action::KeyRead));
+    }
+
+    #[test]
+    fn managed_hsm_local_rbac() {
+        let a = [
+            ra(
+                "Managed HSM Crypto Service Encryption User",
+                "/hsms/h/keys/k",
+            ),
+            ra("Managed HSM Crypto User", "/hsms/g/keys"),
+        ];
+        let hsm = Service::ManagedHsm;
+        assert!(allowed_in(&a, "oid", hsm, "h", "keys/k", Action::KeyUnwrap));
+        assert!(!allowed_in(
+            &a,
+            "oid",
+            hsm,
+            "h",
+            "keys/j",
+            Action::KeyUnwrap
+        ));
+        assert!(!allowed_in(
+            &a,
+            "oid",
+            hsm,
+            "h",
+            "keys/k",
+            Action::KeyDecrypt
+        ));
+        assert!(allowed_in(
+            &a,
+            "oid",
+            hsm,
+            "g",
+            "keys/any",
+            Action::KeyDecrypt
+        ));
+        assert!(!allowed_in(
+            &a,
+            "oid",
+            hsm,
+            "g",
+            "keys/any",
+            Action::KeyPurge
+        ));
+        // An HSM scope never opens a vault of the same name, nor the reverse.
+        assert!(!allowed_in(
+            &a,
+            "oid",
+            Service::KeyVault,
+            "h",
+            "keys/k",
+            Action::KeyUnwrap
+        ));
+        assert!(grants("Managed HSM Crypto Officer", Action::KeyPurge));
+        assert!(!grants("Managed HSM Crypto Officer", Action::KeyUnwrap));
+        assert!(!grants("Managed HSM Administrator", Action::KeyRead));
+    }
+
+    #[test]
+    fn assignments_are_validated() {
+        assert!(validate(&ra("Key Vault Reader", "/vaults/v")).is_ok());
+        assert!(validate(&ra("Managed HSM Crypto User", "/hsms/h/keys/k")).is_ok());
+        assert!(
+            validate(&ra(
+                "Storage Blob Data Reader",
+                "/storageAccounts/a/containers/c"
+            ))
+            .is_ok()
+        );
+        assert!(validate(&ra("Key Vault Reader", "/hsms/h")).is_err());
+        assert!(validate(&ra("Managed HSM Crypto User", "/vaults/v")).is_err());
+        assert!(validate(&ra("Owner", "/vaults/v")).is_err());
+        assert!(validate(&ra("Key Vault Reader", "/subscriptions/x")).is_err());
+    }
+
+    #[test]
+    fn blob_roles() {
+        let a = [ra("Storage Blob Data Reader", "/storageAccounts/acct")];
+        assert!(blob_allowed(&a, "oid", "acct", "c", false));
+        assert!(!blob_allowed(&a, "oid", "acct", "c", true));
+        assert!(!blob_allowed(&a, "oid", "other", "c", false));
     }
 }

@@ -1,5 +1,5 @@
 //! A standard emulator for the tests: one tenant, an authorized app, an unauthorized one, a
-//! fake issuer, a vault with an RSA and an oct-HSM key.
+//! fake issuer, a vault with an RSA key and a secret, a Managed HSM with an oct-HSM key.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use sealvol_azure_emulator::{Config, Emulator, Options, TokenRequest};
@@ -20,9 +20,11 @@ pub fn config() -> Config {
                 {"name": "pod", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:default:other"}]}
         ]}],
         "issuers": ["cluster", "rogue"],
-        "vaults": [{"name": "kv", "tenant": TENANT, "keys": [{"name": "kek"}, {"name": "hsm", "kty": "oct-HSM", "size": 256}], "secrets": [{"name": "kek-secret", "value": "c2VjcmV0"}]}],
+        "vaults": [{"name": "kv", "tenant": TENANT, "keys": [{"name": "kek"}], "secrets": [{"name": "kek-secret", "value": "c2VjcmV0"}]}],
+        "hsms": [{"name": "mhsm", "tenant": TENANT, "keys": [{"name": "hsm", "kty": "oct-HSM", "size": 256}, {"name": "rsa", "kty": "RSA-HSM"}]}],
         "role_assignments": [
-            {"principal": APP_OID, "role": "Key Vault Administrator", "scope": "/vaults/kv"}
+            {"principal": APP_OID, "role": "Key Vault Administrator", "scope": "/vaults/kv"},
+            {"principal": APP_OID, "role": "Managed HSM Crypto User", "scope": "/hsms/mhsm/keys"}
         ]
     }).to_string())
     .unwrap()
@@ -104,6 +106,20 @@ pub async fn access_token(emu: &Emulator, client: &str, sa: &str) -> String {
     body["access_token"].as_str().unwrap().to_string()
 }
 
+/// An access token for `resource` (e.g. `https://managedhsm.azure.net`).
+pub async fn token_for(emu: &Emulator, client: &str, sa: &str, resource: &str) -> String {
+    let (status, body) = exchange(
+        emu,
+        TENANT,
+        client,
+        &sa_token(emu, "cluster", sa),
+        &format!("{resource}/.default"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_string()
+}
+
 /// A Key Vault call: (status, body, headers).
 pub async fn kv(
     emu: &Emulator,
@@ -112,9 +128,47 @@ pub async fn kv(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value, reqwest::header::HeaderMap) {
+    call(
+        emu,
+        &emu.vault_url("kv").unwrap(),
+        token,
+        method,
+        path,
+        body,
+    )
+    .await
+}
+
+/// A Managed HSM call (HSM "mhsm"): (status, body, headers).
+pub async fn hsm(
+    emu: &Emulator,
+    token: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    call(
+        emu,
+        &emu.hsm_url("mhsm").unwrap(),
+        token,
+        method,
+        path,
+        body,
+    )
+    .await
+}
+
+/// A data-plane call to `base`: (status, body, headers).
+pub async fn call(
+    emu: &Emulator,
+    base: &str,
+    token: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
     let url = format!(
-        "{}{path}{}api-version=7.6",
-        emu.vault_url("kv").unwrap(),
+        "{base}{path}{}api-version=7.6",
         if path.contains('?') { "&" } else { "?" }
     );
     let mut req = http(emu).request(method, url);
