@@ -30,11 +30,15 @@ impl Azure {
             ]}],
             "issuers": ["cluster", "rogue"],
             "vaults": [{"name": "kv", "tenant": TENANT,
-                "keys": [{"name": "kek"}, {"name": "hsm", "kty": "oct-HSM", "size": 256}],
+                "keys": [{"name": "kek"}],
                 "secrets": [{"name": "kek-secret", "value": "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="}]}],
+            // A Managed HSM is its own service: its own host, its own token resource
+            // (https://managedhsm.azure.net) and its own local RBAC roles.
+            "hsms": [{"name": "hsm1", "tenant": TENANT,
+                "keys": [{"name": "hsm", "kty": "oct-HSM", "size": 256}]}],
             "role_assignments": [
                 {"principal": APP_OID, "role": "Key Vault Crypto Service Encryption User", "scope": "/vaults/kv/keys/kek"},
-                {"principal": APP_OID, "role": "Key Vault Crypto Service Encryption User", "scope": "/vaults/kv/keys/hsm"},
+                {"principal": APP_OID, "role": "Managed HSM Crypto Service Encryption User", "scope": "/hsms/hsm1/keys/hsm"},
                 {"principal": APP_OID, "role": "Key Vault Secrets User", "scope": "/vaults/kv/secrets/kek-secret"},
                 {"principal": "9f0c2d4e-2222-4222-8222-0000000000bb", "role": "Key Vault Reader", "scope": "/vaults/kv"}
             ]
@@ -81,6 +85,7 @@ impl Azure {
             "keyvault-secret" => p.push(("secretName".into(), "kek-secret".into())),
             "hsm" => {
                 p[0].1 = "keyvault-key".into();
+                p[1].1 = self.emu.hsm_url("hsm1").unwrap();
                 p.push(("keyName".into(), "hsm".into()));
                 p.push(("keyAlgorithm".into(), "A256KW".into()));
             }
@@ -91,9 +96,9 @@ impl Azure {
 
     /// Every vault's host:port, as `--allowed-vault-hosts` takes them.
     pub fn vault_hosts(&self) -> String {
-        ["kv"]
-            .iter()
-            .filter_map(|v| self.emu.vault_url(v))
+        [self.emu.vault_url("kv"), self.emu.hsm_url("hsm1")]
+            .into_iter()
+            .flatten()
             .map(|u| {
                 u.trim_start_matches("https://")
                     .trim_end_matches('/')
