@@ -334,6 +334,7 @@ impl Manager {
 
     /// Grows the volume's file (and header) to the requested capacity. Returns the capacity
     /// and whether the node must still grow the filesystem.
+    #[allow(dead_code)] // no longer served (node-only expansion); removed in the split
     pub(crate) fn controller_expand(
         &self,
         id: &VolumeId,
