@@ -177,7 +177,8 @@ fn classify(e: azure_core::Error) -> IdentityError {
     if text.contains("AADSTS") || matches!(status, Some(400) | Some(401)) {
         IdentityError::Refused(aadsts_summary(&text))
     } else {
-        IdentityError::Unavailable(text)
+        // With the root cause: "retry policy expired" alone tells an operator nothing.
+        IdentityError::Unavailable(crate::error_text::with_causes(&e))
     }
 }
 

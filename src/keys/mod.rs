@@ -431,7 +431,8 @@ fn classify(e: azure_core::Error) -> KeyError {
         Some(401) => KeyError::Unauthenticated(text),
         Some(403) | Some(404) => KeyError::Denied(text),
         Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => KeyError::Corrupt(text),
-        _ => KeyError::Unavailable(text),
+        // With the root cause: "retry policy expired" alone tells an operator nothing.
+        _ => KeyError::Unavailable(crate::error_text::with_causes(&e)),
     }
 }
 
