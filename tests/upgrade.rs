@@ -27,6 +27,26 @@ fn reported_backing_files(node: &ScratchNode) -> Vec<String> {
         .collect()
 }
 
+/// /metrics of the node plugin that logged its metrics address last.
+async fn scrape_metrics(log: &str) -> String {
+    let address = log
+        .lines()
+        .rev()
+        .filter(|l| l.contains("metrics listening"))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok()?["address"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .expect("the node logs its metrics address");
+    reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn role_of(mode: &str) -> RoleAssignment {
     match mode {
         "keyvault-secret" => RoleAssignment {
@@ -78,7 +98,11 @@ fn assert_no_key(path: &str) {
 
 async fn survives_an_upgrade(mode: &str, inline_id: &str) {
     let azure = Azure::start().await;
-    let (mut node, mut c) = node_in_container(&azure, &["--reauthorize-interval=0s"]).await;
+    let (mut node, mut c) = node_in_container(
+        &azure,
+        &["--reauthorize-interval=0s", "--metrics-address=127.0.0.1:0"],
+    )
+    .await;
 
     // A PVC volume and an inline volume, published and written to.
     let id = create_encrypted(&mut c, &azure, "pvc-upgrade", mode).await;
@@ -122,6 +146,12 @@ async fn survives_an_upgrade(mode: &str, inline_id: &str) {
         !node.log().contains("belonged to no volume"),
         "recovery released a volume in use: {}",
         node.log()
+    );
+    // The gauges find both volumes' loop devices too.
+    let metrics = scrape_metrics(&node.log()).await;
+    assert!(
+        metrics.contains("sealvol_volumes{state=\"published\"} 2\n"),
+        "{metrics}"
     );
 
     // A due re-authorization still works through the new plugin...
