@@ -11,6 +11,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends e2fsprogs util-linux ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/sealvol /usr/local/bin/sealvol
+# Where the driver looks for the programs it runs (then /usr/sbin, /sbin, /usr/bin, /bin). At
+# start it checks that each one exists and runs (`mkfs.ext4 -V`, ...) and refuses to start,
+# naming the program, otherwise.
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+RUN mkfs.ext4 -V && e2fsck -V && blkid -V && wipefs -V && command -v resize2fs
 # Non-root is impossible for a CSI node plugin: it attaches loop devices, formats and mounts
 # filesystems with Bidirectional propagation into kubelet's directory, and adds fscrypt keys to
 # the kernel. The DaemonSet runs it privileged; nothing else in this image runs.

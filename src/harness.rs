@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::client::CsiClient;
-use crate::sys::{self, LoopDevice, MountTable};
+use crate::sys::{self, AttachedLoop, FileId, LoopDevice, MountTable};
 
 /// Where the scratch node keeps things, all below `root`.
 pub struct ScratchNode {
@@ -20,8 +20,14 @@ pub struct ScratchNode {
     pub pool_dir: PathBuf,
     pub log_file: PathBuf,
     pub node_id: String,
+    /// The pool directory as the node plugin sees it (`pool_dir` unless containerized).
+    pub plugin_pool_dir: PathBuf,
     binary: PathBuf,
     extra_args: Vec<String>,
+    /// A command the node plugin is started through (its program and arguments follow).
+    wrapper: Vec<String>,
+    /// Mounts the harness made itself (containerized), removed last, newest first.
+    infra_mounts: Vec<PathBuf>,
     child: Option<Child>,
     keep: bool,
 }
@@ -64,9 +70,12 @@ impl ScratchNode {
             pool_dir: root.join("pool"),
             log_file: root.join("node.log"),
             node_id: "scratch-node".into(),
+            plugin_pool_dir: root.join("pool"),
             root,
             binary: binary.to_path_buf(),
             extra_args: Vec::new(),
+            wrapper: Vec::new(),
+            infra_mounts: Vec::new(),
             child: None,
             keep: std::env::var_os("SEALVOL_KEEP_SCRATCH").is_some(),
         };
@@ -82,6 +91,76 @@ impl ScratchNode {
         self
     }
 
+    /// Runs every later start of the node plugin as a container would run it: in a mount
+    /// namespace of its own, with the kubelet and state directories shared both ways (as
+    /// `mountPropagation: Bidirectional` does) and the pool bind-mounted privately at another
+    /// path (`plugin_pool_dir`), so the paths the kernel reports for its loop devices mean
+    /// nothing outside it, and nothing once it is gone. The pool is a filesystem of its own
+    /// (tmpfs of `pool_bytes`), so every loop device over it is this node's.
+    pub fn containerized(mut self, pool_bytes: u64) -> Result<Self, HarnessError> {
+        use nix::mount::{MsFlags, mount};
+        let none = None::<&str>;
+        let fail = |what: String| {
+            move |e: nix::Error| HarnessError::Io {
+                what,
+                source: std::io::Error::from(e),
+            }
+        };
+        let size = format!("size={pool_bytes}");
+        mount(
+            Some("tmpfs"),
+            &self.pool_dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(size.as_str()),
+        )
+        .map_err(fail(format!("mount tmpfs at {}", self.pool_dir.display())))?;
+        self.infra_mounts.push(self.pool_dir.clone());
+        mount(none, &self.pool_dir, none, MsFlags::MS_PRIVATE, none)
+            .map_err(fail("make the pool private".into()))?;
+        for dir in [self.kubelet_dir.clone(), self.state_dir.clone()] {
+            mount(Some(&dir), &dir, none, MsFlags::MS_BIND, none)
+                .map_err(fail(format!("bind {}", dir.display())))?;
+            self.infra_mounts.push(dir.clone());
+            mount(none, &dir, none, MsFlags::MS_SHARED, none)
+                .map_err(fail(format!("make {} shared", dir.display())))?;
+        }
+        // The plugin's view of the pool lives in a private mount, so binding the pool there
+        // in the plugin's namespace propagates nowhere.
+        let ns_dir = self.root.join("plugin-ns");
+        std::fs::create_dir_all(&ns_dir).map_err(io("mkdir plugin-ns"))?;
+        mount(
+            Some("tmpfs"),
+            &ns_dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .map_err(fail("mount tmpfs at plugin-ns".into()))?;
+        self.infra_mounts.push(ns_dir.clone());
+        mount(none, &ns_dir, none, MsFlags::MS_PRIVATE, none)
+            .map_err(fail("make plugin-ns private".into()))?;
+        self.plugin_pool_dir = ns_dir.join("pool");
+        std::fs::create_dir_all(&self.plugin_pool_dir).map_err(io("mkdir plugin-ns/pool"))?;
+        let script = format!(
+            "mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
+            self.pool_dir.display(),
+            self.plugin_pool_dir.display()
+        );
+        self.wrapper = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "unchanged",
+            "sh",
+            "-c",
+            &script,
+        ]
+        .map(String::from)
+        .to_vec();
+        Ok(self)
+    }
+
     /// Starts `sealvol node` (with `env` added) and waits until its socket accepts
     /// connections.
     pub async fn start(&mut self, env: &[(&str, &str)]) -> Result<CsiClient, HarnessError> {
@@ -91,11 +170,18 @@ impl ScratchNode {
             .open(&self.log_file)
             .map_err(io("opening the node log"))?;
         let log_err = log.try_clone().map_err(io("opening the node log"))?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.arg("node")
             .arg(format!("--endpoint=unix://{}", self.socket.display()))
             .arg(format!("--node-id={}", self.node_id))
-            .arg(format!("--pool=default={}", self.pool_dir.display()))
+            .arg(format!("--pool=default={}", self.plugin_pool_dir.display()))
             .arg(format!("--state-dir={}", self.state_dir.display()))
             .arg(format!("--kubelet-dir={}", self.kubelet_dir.display()))
             // Tests use unencrypted volumes where encryption is not the point; a test of the
@@ -167,30 +253,56 @@ impl ScratchNode {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
-    /// Mount points below the scratch directory.
+    /// Mount points below the scratch directory (but for the harness's own).
     pub fn mounts(&self) -> Vec<PathBuf> {
         MountTable::read()
             .map(|t| {
                 t.entries()
                     .iter()
-                    .filter(|m| m.mount_point.starts_with(&self.root))
+                    .filter(|m| {
+                        m.mount_point.starts_with(&self.root)
+                            && !self.infra_mounts.contains(&m.mount_point)
+                    })
                     .map(|m| m.mount_point.clone())
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    /// Loop devices whose backing file is below the scratch directory.
-    pub fn loop_devices(&self) -> Vec<String> {
-        let root = self.root.to_string_lossy().into_owned();
-        sys::attached_loops()
-            .map(|ls| {
-                ls.into_iter()
-                    .filter(|l| l.backing_file.starts_with(&format!("{root}/")))
-                    .map(|l| l.device_path().display().to_string())
+    /// Loop devices over files of this scratch node: by the backing file's identity (a file in
+    /// the pool directory, or any file of the pool's own filesystem when containerized), or
+    /// by the path the kernel reports.
+    fn own_loops(&self) -> Vec<AttachedLoop> {
+        use std::os::unix::fs::MetadataExt;
+        let root = format!("{}/", self.root.display());
+        let pool_dev = (!self.infra_mounts.is_empty())
+            .then(|| std::fs::metadata(&self.pool_dir).ok().map(|m| m.dev()))
+            .flatten();
+        let pool_files: Vec<FileId> = std::fs::read_dir(&self.pool_dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| FileId::from_metadata(&m))
                     .collect()
             })
+            .unwrap_or_default();
+        sys::attached_loops()
             .unwrap_or_default()
+            .into_iter()
+            .filter(|l| {
+                l.backing_file.starts_with(&root)
+                    || pool_files.contains(&l.backing)
+                    || pool_dev == Some(l.backing.dev)
+            })
+            .collect()
+    }
+
+    /// Loop devices whose backing file is this scratch node's.
+    pub fn loop_devices(&self) -> Vec<String> {
+        self.own_loops()
+            .into_iter()
+            .map(|l| l.device_path().display().to_string())
+            .collect()
     }
 
     /// Volume files (complete or not) left in the pool directory.
@@ -212,17 +324,13 @@ impl ScratchNode {
         for m in mounts {
             let _ = sys::unmount(&m, true);
         }
-        let root = self.root.to_string_lossy().into_owned();
-        if let Ok(loops) = sys::attached_loops() {
-            for l in loops {
-                let backing = l.backing_file.trim_end_matches(" (deleted)").to_string();
-                if backing.starts_with(&format!("{root}/"))
-                    && let Ok(Some(dev)) =
-                        LoopDevice::open_existing(l.number, Path::new(&l.backing_file))
-                {
-                    let _ = dev.detach();
-                }
+        for l in self.own_loops() {
+            if let Ok(Some(dev)) = LoopDevice::open_bound_to(l.number, l.backing) {
+                let _ = dev.detach();
             }
+        }
+        for m in std::mem::take(&mut self.infra_mounts).iter().rev() {
+            let _ = sys::unmount(m, true);
         }
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.root);

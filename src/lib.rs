@@ -6,6 +6,7 @@
 
 mod crypt;
 mod csi;
+mod error_text;
 mod identity;
 mod keys;
 mod metrics;

@@ -1,4 +1,6 @@
-//! Expansion: the file, the loop device and ext4 grow and the data survives. Online (while
+//! Expansion is node-only: no node's controller service advertises EXPAND_VOLUME (so
+//! csi-resizer uses its trivial resizer), and kubelet's NodeExpandVolume on the node that holds
+//! the volume grows the file, the loop device and ext4, and the data survives. Online (while
 //! published) where the driver holds CAP_SYS_RESOURCE; otherwise offline, while the volume is
 //! staged without pods, and a published volume is refused with the reason.
 
@@ -13,9 +15,26 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
+fn advertises_controller_expansion(caps: &csi::ControllerGetCapabilitiesResponse) -> bool {
+    use csi::controller_service_capability::{Type, rpc::Type as C};
+    caps.capabilities
+        .iter()
+        .any(|c| matches!(&c.r#type, Some(Type::Rpc(r)) if r.r#type == C::ExpandVolume as i32))
+}
+
+async fn start_node(id: &str) -> (ScratchNode, CsiClient) {
+    require_root();
+    let mut node = ScratchNode::new(&binary(), None).unwrap();
+    node.node_id = id.into();
+    let c = node.start(&[]).await.unwrap();
+    (node, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expansion_keeps_data() {
-    let (node, mut c) = start().await;
+async fn expansion_is_node_only_and_keeps_data() {
+    // Two nodes, each with its own pool; the volume lives on node a.
+    let (node, mut c) = start_node("node-a").await;
+    let (other, mut other_c) = start_node("node-b").await;
     let (id, target) = ready(&node, &mut c, "pvc-grow", 64 * MIB, "pod").await;
     let payload = pattern(8 << 20);
     std::fs::write(format!("{target}/payload"), &payload).unwrap();
@@ -39,41 +58,29 @@ async fn expansion_keeps_data() {
     };
     let before = total(&mut c, staging.clone()).await;
 
-    let expand = |bytes: i64| csi::ControllerExpandVolumeRequest {
+    // No controller expansion on any node: csi-resizer's trivial resizer only updates the PV,
+    // and nothing reaches a node that does not hold the volume.
+    let expand = csi::ControllerExpandVolumeRequest {
         volume_id: id.clone(),
         capacity_range: Some(csi::CapacityRange {
-            required_bytes: bytes,
+            required_bytes: 256 * MIB,
             limit_bytes: 0,
         }),
         ..Default::default()
     };
-    let r = c
-        .controller
-        .controller_expand_volume(expand(256 * MIB))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.capacity_bytes, 256 * MIB);
-    assert!(r.node_expansion_required);
-    // Repeating it is fine; a smaller request keeps the larger capacity.
-    assert_eq!(
-        c.controller
-            .controller_expand_volume(expand(256 * MIB))
+    for c in [&mut c, &mut other_c] {
+        let caps = c
+            .controller
+            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
             .await
             .unwrap()
-            .into_inner()
-            .capacity_bytes,
-        256 * MIB
-    );
-    assert_eq!(
-        c.controller
-            .controller_expand_volume(expand(128 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .capacity_bytes,
-        256 * MIB
-    );
+            .into_inner();
+        assert!(!advertises_controller_expansion(&caps));
+        assert_eq!(
+            code(c.controller.controller_expand_volume(expand.clone()).await),
+            Code::Unimplemented
+        );
+    }
 
     let node_expand = |path: String| csi::NodeExpandVolumeRequest {
         volume_id: id.clone(),
@@ -134,15 +141,33 @@ async fn expansion_keeps_data() {
         "data survived"
     );
 
-    // Without a new size; beyond the pool.
-    assert_eq!(
-        code(c.controller.controller_expand_volume(expand(0)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(c.controller.controller_expand_volume(expand(1 << 60)).await),
-        Code::ResourceExhausted
-    );
+    // A smaller or no size keeps the capacity; beyond the pool is RESOURCE_EXHAUSTED.
+    let sized = |bytes: i64| csi::NodeExpandVolumeRequest {
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..node_expand(staging.clone())
+    };
+    let offline = !can_resize_online();
+    if offline {
+        c.node
+            .node_unpublish_volume(node.unpublish(&id, "pod"))
+            .await
+            .unwrap();
+    }
+    for bytes in [128 * MIB, 0] {
+        let r = c.node.node_expand_volume(sized(bytes)).await.unwrap();
+        assert_eq!(r.into_inner().capacity_bytes, 256 * MIB);
+    }
+    let s = refused(c.node.node_expand_volume(sized(1 << 60)).await);
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    if offline {
+        c.node
+            .node_publish_volume(node.publish(&id, "pod"))
+            .await
+            .unwrap();
+    }
     let listed = c
         .controller
         .list_volumes(csi::ListVolumesRequest::default())
@@ -156,4 +181,15 @@ async fn expansion_keeps_data() {
 
     teardown(&node, &mut c, &id, "pod").await;
     assert_clean(&node);
+    // The other node never heard of the volume: since it started serving, no error or warning.
+    let log = other.log();
+    let serving = log
+        .split_once("serving CSI")
+        .map(|(_, after)| after)
+        .unwrap();
+    assert!(
+        !serving.contains("ERROR") && !serving.contains("WARN"),
+        "{log}"
+    );
+    assert_clean(&other);
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -47,6 +47,8 @@ fn check(doc: &serde_json::Value) -> String {
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             roundtrip::<ClusterRoleBinding>(doc)
         }
+        ("rbac.authorization.k8s.io/v1", "Role") => roundtrip::<Role>(doc),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => roundtrip::<RoleBinding>(doc),
         other => panic!("deploy/ holds a {other:?}, which this test does not know"),
     };
     assert_eq!(

@@ -175,6 +175,98 @@ class Chart(unittest.TestCase):
                                       f"{os.path.relpath(path, render.ROOT)}:{n}: {found} looks like a real id; "
                                       f"use {PLACEHOLDER_ID}")
 
+    def test_resizer_elects_a_leader_with_a_lease_role(self):
+        for name, values in render.example_values():
+            objs = objects(values)
+            (ds,) = by_kind(objs, "DaemonSet")
+            containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+            roles, bindings = by_kind(objs, "Role"), by_kind(objs, "RoleBinding")
+            if not values.get("expansion", {}).get("enabled", True):
+                self.assertNotIn("csi-resizer", containers, name)
+                self.assertEqual((roles, bindings), ([], []), name)
+                continue
+            resizer = containers["csi-resizer"]
+            self.assertIn("--leader-election", resizer["args"])
+            self.assertEqual(arg(resizer["args"], "leader-election-namespace"), ["$(NAMESPACE)"])
+            env = {e["name"]: e for e in resizer["env"]}
+            self.assertEqual(env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace")
+            (role,) = roles
+            self.assertEqual(role["metadata"]["namespace"], render.NAMESPACE)
+            self.assertEqual(role["rules"], [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                              "verbs": ["get", "watch", "list", "create", "update", "patch", "delete"]}])
+            (binding,) = bindings
+            self.assertEqual(binding["roleRef"]["name"], role["metadata"]["name"])
+            self.assertEqual(binding["subjects"], [{"kind": "ServiceAccount", "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
+                                                    "namespace": render.NAMESPACE}])
+
+    def test_extra_args_and_env_per_container(self):
+        names = {"sealvol": "sealvol", "registrar": "node-driver-registrar", "provisioner": "csi-provisioner",
+                 "resizer": "csi-resizer", "livenessprobe": "liveness-probe"}
+        values = {"extraArgs": {k: [f"--extra-{k}=1"] for k in names},
+                  "extraEnv": {k: [{"name": f"EXTRA_{k.upper()}", "value": "v"},
+                                   {"name": "FROM_FIELD", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}] for k in names}}
+        (ds,) = by_kind(objects(values), "DaemonSet")
+        containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+        for key, cname in names.items():
+            c = containers[cname]
+            self.assertEqual(c["args"][-1], f"--extra-{key}=1", cname)
+            env = {e["name"]: e for e in c["env"]}
+            self.assertEqual(env[f"EXTRA_{key.upper()}"], {"name": f"EXTRA_{key.upper()}", "value": "v"}, cname)
+            self.assertIn("valueFrom", env["FROM_FIELD"], cname)
+        # The chart's own environment stays.
+        self.assertIn("NODE_NAME", [e["name"] for e in containers["sealvol"]["env"]])
+        # Defaults add nothing: no env on the sidecars that need none.
+        (ds,) = by_kind(objects({}), "DaemonSet")
+        containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+        self.assertNotIn("env", containers["node-driver-registrar"])
+        self.assertNotIn("env", containers["liveness-probe"])
+
+    def test_azure_ca_bundle_from_a_configmap_or_a_secret(self):
+        for source, field in [("configMap", "configMap"), ("secret", "secret")]:
+            values = {"azure": {"caBundle": {source: "corp-ca", "key": "bundle.pem"}}}
+            (ds,) = by_kind(objects(values), "DaemonSet")
+            pod = ds["spec"]["template"]["spec"]
+            driver = next(c for c in pod["containers"] if c["name"] == "sealvol")
+            (ca_file,) = arg(driver["args"], "ca-file")
+            mount = next(m for m in driver["volumeMounts"] if m["name"] == "azure-ca")
+            self.assertTrue(mount["readOnly"])
+            self.assertEqual(ca_file, f"{mount['mountPath']}/bundle.pem")
+            volume = next(v for v in pod["volumes"] if v["name"] == "azure-ca")
+            ref = volume[field]
+            self.assertEqual(ref["name" if field == "configMap" else "secretName"], "corp-ca")
+            self.assertEqual(ref["items"], [{"key": "bundle.pem", "path": "bundle.pem"}])
+        for name, values in render.example_values():
+            (ds,) = by_kind(objects(values), "DaemonSet")
+            pod = ds["spec"]["template"]["spec"]
+            driver = next(c for c in pod["containers"] if c["name"] == "sealvol")
+            self.assertEqual(arg(driver["args"], "ca-file"), [], name)
+            self.assertNotIn("azure-ca", [v["name"] for v in pod["volumes"]], name)
+
+    def test_keyvault_challenge_verification(self):
+        for setting, expected in [({}, "true"), ({"azure": {"verifyChallenge": False}}, "false")]:
+            (ds,) = by_kind(objects(setting), "DaemonSet")
+            driver = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "sealvol")
+            self.assertEqual(arg(driver["args"], "keyvault-verify-challenge"), [expected])
+
+    def test_schema_refuses_bad_new_values(self):
+        chart = helm.Chart.load(render.CHART)
+        for bad in [{"azure": {"caBundle": {"configMap": "a", "secret": "b"}}},
+                    {"azure": {"caBundle": {"configMap": "Bad_Name"}}},
+                    {"azure": {"caBundle": {"key": "../etc/passwd"}}},
+                    {"azure": {"verifyChallenge": "no"}},
+                    {"extraArgs": {"kubelet": ["--x"]}}, {"extraArgs": {"sealvol": "--x"}},
+                    {"extraEnv": {"sealvol": [{"value": "no name"}]}}, {"extraEnv": {"sealvol": [{"name": "A", "vlaue": "typo"}]}}]:
+            with self.assertRaises(helm.HelmValuesError, msg=str(bad)):
+                chart.validate_schema(chart.merge_values(bad))
+        for good in [{"azure": {"caBundle": {"secret": "corp-ca"}}}, {"extraEnv": {"sealvol": [{"name": "HTTPS_PROXY", "value": "http://p:3128"}]}}]:
+            chart.validate_schema(chart.merge_values(good))
+
+    def test_mount_propagation_requirements_are_documented(self):
+        with open(os.path.join(render.CHART, "values.yaml")) as fh:
+            text = fh.read()
+        for phrase in ["Bidirectional", "shared", "HostToContainer", "slave"]:
+            self.assertIn(phrase, text)
+
     def test_deploy_is_up_to_date_with_the_chart(self):
         for path, text in render.outputs().items():
             with open(os.path.join(render.ROOT, path)) as fh:

@@ -186,7 +186,12 @@ impl csi::controller_server::Controller for ControllerService {
             rpc::Type::CreateDeleteVolume,
             rpc::Type::ListVolumes,
             rpc::Type::GetCapacity,
-            rpc::Type::ExpandVolume,
+            // No EXPAND_VOLUME: expansion is node-only. A volume lives on one node, and with
+            // the controller service on every node a ControllerExpandVolume would reach
+            // whichever node's csi-resizer holds the lease. Without this capability
+            // csi-resizer uses its trivial resizer (it only updates the PV), and kubelet's
+            // NodeExpandVolume on the node that holds the volume grows file and filesystem.
+            // ControllerExpandVolume answers UNIMPLEMENTED (the generated default).
             rpc::Type::SingleNodeMultiWriter,
         ];
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
@@ -197,31 +202,5 @@ impl csi::controller_server::Controller for ControllerService {
                 })
                 .collect(),
         }))
-    }
-
-    async fn controller_expand_volume(
-        &self,
-        request: Request<csi::ControllerExpandVolumeRequest>,
-    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        let req = request.into_inner();
-        let manager = Arc::clone(&self.manager);
-        run_blocking(
-            "ControllerExpandVolume",
-            log_id(&req.volume_id),
-            move || {
-                let id = parse::volume_id(&req.volume_id)?;
-                if req.volume_capability.is_some() {
-                    parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
-                }
-                let capacity = manager
-                    .controller_expand(&id, parse::capacity_range(req.capacity_range.as_ref()))?;
-                Ok(csi::ControllerExpandVolumeResponse {
-                    capacity_bytes: capacity as i64,
-                    node_expansion_required: true,
-                })
-            },
-        )
-        .await
-        .map(Response::new)
     }
 }

@@ -186,7 +186,7 @@ impl KubeApi {
             .bearer_auth(token.trim())
             .send()
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| unavailable(crate::error_text::with_causes(&e)))?;
         let sa: serde_json::Value = if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // No such ServiceAccount (yet): it has no annotations.
             serde_json::Value::Null

@@ -18,8 +18,17 @@ pub enum SysError {
         status: String,
         stderr: String,
     },
-    #[error("required program {0} not found in /usr/sbin, /sbin, /usr/bin or /bin")]
-    MissingProgram(&'static str),
+    #[error("required program {name} not found (searched {searched}): install it or fix PATH")]
+    MissingProgram {
+        name: &'static str,
+        searched: String,
+    },
+    #[error("required program {path} does not work (`{check}` {reason})")]
+    BrokenProgram {
+        path: PathBuf,
+        check: String,
+        reason: String,
+    },
     #[error(
         "no free loop device after {attempts} attempts (LOOP_CONFIGURE kept racing with other users)"
     )]

@@ -1,6 +1,12 @@
 //! Loop devices: attach a backing file atomically, find the device that backs a file, grow,
 //! detach.
 //!
+//! A loop device is known by the identity of its backing file (device number and inode, from
+//! `LOOP_GET_STATUS64`), never by the path the kernel reports: that path is resolved in the
+//! mount namespace of whoever attached the device, so once the container that attached it is
+//! gone the kernel reports a path relative to a detached mount (`/sv-….img` instead of
+//! `/var/lib/sealvol-pool/sv-….img`). The reported path is kept for messages only.
+//!
 //! Attaching uses `LOOP_CTL_GET_FREE` + `LOOP_CONFIGURE` (one ioctl that binds the file and
 //! sets offset and flags) and retries on `EBUSY`, so two attachers racing for the same free
 //! device cannot end up sharing it. Devices are attached with `LO_FLAGS_AUTOCLEAR`: the kernel
@@ -9,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -54,6 +60,7 @@ nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
 nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
 
 /// An open loop device bound to a backing file. Holding it keeps an autoclear device bound.
 pub(crate) struct LoopDevice {
@@ -61,11 +68,44 @@ pub(crate) struct LoopDevice {
     file: File,
 }
 
-/// What sysfs says about one bound loop device.
+/// The identity of a file: its filesystem's device number (as `stat(2)` reports `st_dev`) and
+/// its inode number. Unlike a path it means the same in every mount namespace, and an inode
+/// held open by a loop device is not reused while it is held, even after it was unlinked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileId {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+}
+
+impl FileId {
+    /// The identity of `path` (following symlinks); None when it does not exist.
+    pub(crate) fn of(path: &Path) -> Result<Option<FileId>, SysError> {
+        match std::fs::metadata(path) {
+            Ok(meta) => Ok(Some(FileId::from_metadata(&meta))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SysError::io("stat", path, e)),
+        }
+    }
+
+    pub(crate) fn from_metadata(meta: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// One bound loop device and what it is bound to.
 #[derive(Debug, Clone)]
 pub(crate) struct AttachedLoop {
     pub(crate) number: u32,
-    /// The backing file's path; the kernel appends " (deleted)" once it is unlinked.
+    /// The backing file's identity (`LOOP_GET_STATUS64`): what matching is done by.
+    pub(crate) backing: FileId,
+    /// Where in the backing file the device starts.
+    pub(crate) offset: u64,
+    /// The backing file's path as the kernel reports it (sysfs `backing_file`), for messages
+    /// only: it is resolved in the attacher's mount namespace, and the kernel appends
+    /// " (deleted)" once the file is unlinked.
     pub(crate) backing_file: String,
 }
 
@@ -74,9 +114,21 @@ impl AttachedLoop {
         device_path(self.number)
     }
 
+    /// Whether the backing file has been unlinked (it lives on while the device holds it).
     pub(crate) fn backing_deleted(&self) -> bool {
         self.backing_file.ends_with(" (deleted)")
     }
+
+    /// The last component of the reported path (without " (deleted)"). Renames show here, and
+    /// unlike the directories above it the name does not depend on the mount namespace.
+    pub(crate) fn backing_name(&self) -> &str {
+        reported_name(&self.backing_file)
+    }
+}
+
+fn reported_name(reported: &str) -> &str {
+    let path = reported.strip_suffix(" (deleted)").unwrap_or(reported);
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 pub(crate) fn device_path(number: u32) -> PathBuf {
@@ -139,25 +191,31 @@ impl LoopDevice {
         })
     }
 
-    /// Opens loop device `number` and checks, after opening, that it still backs
-    /// `expected_backing`: an autoclear device can be freed and reused between the sysfs read
-    /// and the open.
+    /// Opens loop device `number` if, once open, it is bound to the file at `expected_backing`
+    /// (compared by identity, not by the path the kernel reports); None when it is not, or when
+    /// that file does not exist. Checking after opening matters: an autoclear device can be
+    /// freed and reused between a lookup and the open.
     pub(crate) fn open_existing(
         number: u32,
         expected_backing: &Path,
     ) -> Result<Option<LoopDevice>, SysError> {
-        let path = device_path(number);
-        let file = match OpenOptions::new().read(true).write(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT)) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(SysError::io("open", path, e)),
+        match FileId::of(expected_backing)? {
+            Some(id) => Self::open_bound_to(number, id),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens loop device `number` if, once open, it is bound to the file with identity
+    /// `backing` (which may be unlinked already); None otherwise.
+    pub(crate) fn open_bound_to(
+        number: u32,
+        backing: FileId,
+    ) -> Result<Option<LoopDevice>, SysError> {
+        let Some(file) = open_device(number, true)? else {
+            return Ok(None);
         };
-        match read_attached(number)? {
-            Some(att) if att.backing_file == expected_backing.to_string_lossy() => {
-                Ok(Some(LoopDevice { number, file }))
-            }
+        match status(&file, number)? {
+            Some((id, _)) if id == backing => Ok(Some(LoopDevice { number, file })),
             _ => Ok(None),
         }
     }
@@ -244,27 +302,64 @@ fn ensure_device_node(number: u32) -> Result<(), SysError> {
     }
 }
 
-fn read_attached(number: u32) -> Result<Option<AttachedLoop>, SysError> {
-    let dir = PathBuf::from(format!("/sys/block/loop{number}/loop"));
-    let backing = match std::fs::read_to_string(dir.join("backing_file")) {
-        Ok(s) => s.trim_end_matches('\n').to_string(),
+/// Opens /dev/loopN; None when the device does not exist or is going away.
+fn open_device(number: u32, write: bool) -> Result<Option<File>, SysError> {
+    let path = device_path(number);
+    match OpenOptions::new().read(true).write(write).open(&path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT)) => Ok(None),
+        Err(e) => Err(SysError::io("open", path, e)),
+    }
+}
+
+/// The backing file's identity and the offset of an open loop device; None when unbound.
+fn status(device: &File, number: u32) -> Result<Option<(FileId, u64)>, SysError> {
+    let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64` into the buffer, which is
+    // valid for writes of that size for the duration of the call; the fd is an open loop
+    // device.
+    match retry_eintr(|| unsafe { loop_get_status64(device.as_raw_fd(), info.as_mut_ptr()) }) {
+        Ok(_) => {}
+        // Not bound (ENXIO), or being torn down.
+        Err(Errno::ENXIO) | Err(Errno::ENODEV) => return Ok(None),
+        Err(e) => return Err(SysError::errno("LOOP_GET_STATUS64", device_path(number), e)),
+    }
+    // SAFETY: zero-initialised and then filled by the kernel; every field is a plain integer
+    // or byte array, for which any bit pattern is valid.
+    let info = unsafe { info.assume_init() };
+    let id = FileId {
+        dev: dev_from_kernel(info.lo_device),
+        ino: info.lo_inode,
+    };
+    Ok(Some((id, info.lo_offset)))
+}
+
+/// `lo_device` is the kernel's `huge_encode_dev` (= `new_encode_dev`) form; `st_dev` is
+/// glibc's `makedev` form. They differ for large minor numbers (tmpfs, overlayfs).
+fn dev_from_kernel(encoded: u64) -> u64 {
+    let major = (encoded & 0xfff00) >> 8;
+    let minor = (encoded & 0xff) | ((encoded >> 12) & 0xfff00);
+    libc::makedev(major as libc::c_uint, minor as libc::c_uint)
+}
+
+/// What sysfs reports as the backing file of loop device `number`; None when unbound.
+fn reported_backing(number: u32) -> Result<Option<String>, SysError> {
+    let path = PathBuf::from(format!("/sys/block/loop{number}/loop/backing_file"));
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim_end_matches('\n').to_string())),
         // ENODEV/ENXIO: the device is being torn down right now, which is "not attached".
         Err(e)
             if e.kind() == std::io::ErrorKind::NotFound
                 || matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENXIO)) =>
         {
-            return Ok(None);
+            Ok(None)
         }
-        Err(e) => return Err(SysError::io("read", dir.join("backing_file"), e)),
-    };
-    Ok(Some(AttachedLoop {
-        number,
-        backing_file: backing,
-    }))
+        Err(e) => Err(SysError::io("read", path, e)),
+    }
 }
 
-/// Every bound loop device, read from sysfs.
-pub(crate) fn attached_loops() -> Result<Vec<AttachedLoop>, SysError> {
+/// The loop devices sysfs says are bound, with their reported backing paths.
+fn bound_numbers() -> Result<Vec<(u32, String)>, SysError> {
     let mut out = Vec::new();
     let entries =
         std::fs::read_dir("/sys/block").map_err(|e| SysError::io("read_dir", "/sys/block", e))?;
@@ -277,17 +372,195 @@ pub(crate) fn attached_loops() -> Result<Vec<AttachedLoop>, SysError> {
         else {
             continue;
         };
-        if let Some(att) = read_attached(number)? {
+        if let Some(reported) = reported_backing(number)? {
+            out.push((number, reported));
+        }
+    }
+    out.sort_by_key(|(n, _)| *n);
+    Ok(out)
+}
+
+/// Reads the identity of loop device `number`, which sysfs reported bound to `reported`.
+fn read_attached(number: u32, reported: String) -> Result<Option<AttachedLoop>, SysError> {
+    let Some(device) = open_device(number, false)? else {
+        return Ok(None);
+    };
+    Ok(
+        status(&device, number)?.map(|(backing, offset)| AttachedLoop {
+            number,
+            backing,
+            offset,
+            backing_file: reported,
+        }),
+    )
+}
+
+/// Every bound loop device, with its backing file's identity. Each device is opened briefly
+/// for `LOOP_GET_STATUS64`; one that is unbound meanwhile is left out.
+pub(crate) fn attached_loops() -> Result<Vec<AttachedLoop>, SysError> {
+    let mut out = Vec::new();
+    for (number, reported) in bound_numbers()? {
+        if let Some(att) = read_attached(number, reported)? {
             out.push(att);
         }
     }
     Ok(out)
 }
 
-/// The loop device that currently backs `backing`, if any.
+/// The loop device that currently backs the file at `backing`, if any, matched by the file's
+/// identity (`stat(2)`'s device and inode), so a device attached through another mount
+/// namespace's path is found too. None when the file does not exist.
+///
+/// Only devices whose reported backing path ends in the same file name are opened to compare
+/// identities: the name is the one part of the reported path that does not depend on the
+/// attacher's mount namespace (it follows renames; a hard link under another name is not
+/// found).
 pub(crate) fn find_loop_for(backing: &Path) -> Result<Option<AttachedLoop>, SysError> {
-    let wanted = backing.to_string_lossy();
-    Ok(attached_loops()?
-        .into_iter()
-        .find(|l| l.backing_file == wanted))
+    let Some(wanted) = FileId::of(backing)? else {
+        return Ok(None);
+    };
+    let name = backing
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (number, reported) in bound_numbers()? {
+        if reported_name(&reported) != name {
+            continue;
+        }
+        if let Some(att) = read_attached(number, reported)?
+            && att.backing == wanted
+        {
+            return Ok(Some(att));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_device_numbers_decode_like_stat() {
+        // new_encode_dev(major 8, minor 1) and (major 0, minor 0x1a5): the minor's high bits
+        // move above the major.
+        assert_eq!(dev_from_kernel(0x801), libc::makedev(8, 1));
+        let encoded = (0x1a5 & 0xff) | ((0x1a5 & !0xff) << 12);
+        assert_eq!(dev_from_kernel(encoded), libc::makedev(0, 0x1a5));
+        let encoded = 0x12 | (259 << 8) | ((0x3400 & !0xff) << 12);
+        assert_eq!(dev_from_kernel(encoded), libc::makedev(259, 0x3412));
+    }
+
+    #[test]
+    fn reported_names_ignore_directories_and_deletion() {
+        assert_eq!(reported_name("/var/lib/pool/sv-a.img"), "sv-a.img");
+        assert_eq!(reported_name("/sv-a.img (deleted)"), "sv-a.img");
+        assert_eq!(reported_name("sv-a.img"), "sv-a.img");
+    }
+
+    fn root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn sparse_file(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        let f = File::create(&path).expect("backing file");
+        f.set_len(16 << 20).expect("size");
+        path
+    }
+
+    /// A device attached through another path (a bind mount in a private mount namespace
+    /// that is gone by now) is found by the file's identity, and open_existing accepts it.
+    #[test]
+    fn found_by_identity_across_mount_namespaces() {
+        assert!(root(), "this test needs root (loop devices, mounts)");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let pool = tmp.path().join("pool");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(&pool).expect("mkdir");
+        std::fs::create_dir_all(&elsewhere).expect("mkdir");
+        let file = sparse_file(&pool, "sv-identity.img");
+        let script = format!(
+            "mount --bind {} {} && losetup --find --show --offset 1048576 {}/sv-identity.img",
+            pool.display(),
+            elsewhere.display(),
+            elsewhere.display()
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .output()
+            .expect("unshare");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let number: u32 = device
+            .strip_prefix("/dev/loop")
+            .and_then(|n| n.parse().ok())
+            .expect("a loop device");
+        let detach = Detach(number);
+        let found = find_loop_for(&file)
+            .expect("lookup")
+            .expect("found by identity");
+        assert_eq!(found.number, number);
+        assert_eq!(found.offset, 1 << 20);
+        assert_eq!(Some(found.backing), FileId::of(&file).expect("stat"));
+        assert!(
+            !found
+                .backing_file
+                .starts_with(&pool.to_string_lossy().into_owned()),
+            "the kernel reports the other namespace's path: {}",
+            found.backing_file
+        );
+        assert!(
+            attached_loops()
+                .expect("list")
+                .iter()
+                .any(|l| l.number == number)
+        );
+        assert!(
+            LoopDevice::open_existing(number, &file)
+                .expect("open")
+                .is_some()
+        );
+        let other = sparse_file(&pool, "sv-other.img");
+        assert!(
+            LoopDevice::open_existing(number, &other)
+                .expect("open")
+                .is_none()
+        );
+        assert!(find_loop_for(&other).expect("lookup").is_none());
+        drop(detach);
+    }
+
+    /// Detaches a device on drop, also when the test fails.
+    struct Detach(u32);
+
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &device_path(self.0).to_string_lossy()])
+                .status();
+        }
+    }
+
+    /// The device this process attaches reports the file's identity and the offset.
+    #[test]
+    fn attach_reports_identity_and_offset() {
+        assert!(root(), "this test needs root (loop devices, mounts)");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = sparse_file(tmp.path(), "sv-attach.img");
+        let device = LoopDevice::attach(&file, 1 << 20).expect("attach");
+        let found = find_loop_for(&file).expect("lookup").expect("found");
+        assert_eq!(found.number, device.number);
+        assert_eq!(found.offset, 1 << 20);
+        assert_eq!(
+            found.backing,
+            FileId::of(&file).expect("stat").expect("exists")
+        );
+        device.detach().expect("detach");
+        assert!(find_loop_for(&file).expect("lookup").is_none());
+    }
 }

@@ -21,7 +21,7 @@ pub(crate) use fscrypt::{
     KEY_IDENTIFIER_SIZE, KeyStatus, Removal, add_key, forbid_core_dumps, key_status,
     lock_in_memory, policy_identifier, remove_key, set_policy, unlock_memory,
 };
-pub(crate) use loopdev::{AttachedLoop, LoopDevice, attached_loops, find_loop_for};
+pub(crate) use loopdev::{AttachedLoop, FileId, LoopDevice, attached_loops, find_loop_for};
 pub(crate) use mount::{MountFlags, bind_mount, mount_fs, remount_bind_readonly, unmount};
 pub(crate) use mountinfo::{MountEntry, MountTable};
 

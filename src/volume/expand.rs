@@ -9,34 +9,14 @@ use super::id::VolumeId;
 use super::params::CapacityRange;
 use super::paths::check_under;
 use super::{
-    Manager, Volume, VolumeError, crash, invalid, io_err, is_data_mount_of, is_fs_mount_of,
-    not_found, publications,
+    Manager, Volume, VolumeError, crash, io_err, is_data_mount_of, is_fs_mount_of, not_found,
+    publications,
 };
 use crate::crypt;
 use crate::pool::Disk;
 use crate::sys::{self, LoopDevice, MountFlags, MountTable};
 
 impl Manager {
-    /// Grows the volume's file (and header) to the requested capacity. Returns the capacity
-    /// and whether the node must still grow the filesystem.
-    pub(crate) fn controller_expand(
-        &self,
-        id: &VolumeId,
-        range: CapacityRange,
-    ) -> Result<u64, VolumeError> {
-        if range.required_bytes <= 0 {
-            return Err(invalid(
-                "capacity_range.required_bytes",
-                "must be set to the new size",
-            ));
-        }
-        let capacity = range.resolve()?;
-        let _guard = self.lock(id)?;
-        let mut vol = self.load(id)?.ok_or_else(|| not_found(id))?;
-        self.grow_file(&mut vol, capacity)?;
-        Ok(vol.record.capacity_bytes)
-    }
-
     /// Grows the file if the controller has not yet, then the loop device and ext4: online
     /// when the driver may (CAP_SYS_RESOURCE), otherwise offline, which needs the volume
     /// staged and not published (what the OFFLINE expansion capability promises kubelet).

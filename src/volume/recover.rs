@@ -1,8 +1,9 @@
 //! Start-up reconciliation: finish or undo what a crash interrupted, keep every mount and loop
 //! device of an existing volume, release those of nothing; and the gauges read at scrape time.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use super::header::HEADER_BYTES;
 use super::id::VolumeId;
 use super::{INLINE_DIR, Manager, VolumeError, io_err, publications};
 use crate::sys::{self, LoopDevice, MountTable};
@@ -20,6 +21,13 @@ pub(crate) struct RecoveryReport {
 impl Manager {
     /// Run once at start, before serving: finishes or undoes what a crash interrupted, keeps
     /// every mount and loop device of an existing volume, and removes those of nothing.
+    ///
+    /// Loop devices are matched to files by identity (device and inode), never by the path
+    /// the kernel reports: that is the attacher's path, and after an upgrade the attacher was
+    /// another container, in another mount namespace, now gone. A loop device is ours when its
+    /// backing file is a file in one of our pool directories, or was unlinked, lives on a
+    /// pool's filesystem and was last named like a volume file. Any other loop device on the
+    /// same filesystem (another driver's, another node plugin's pool) is left alone.
     pub(crate) fn recover(&self) -> Result<RecoveryReport, VolumeError> {
         let mut report = RecoveryReport::default();
         for (_, disk) in self.pools.disks() {
@@ -29,26 +37,51 @@ impl Manager {
                 report.removed_partial_creates += 1;
             }
             for path in deleting {
-                self.release_orphan_loops_of(&path, &mut report)?;
+                if let Some(backing) = sys::FileId::of(&path)? {
+                    self.release_orphan_loops_of(backing, &path.to_string_lossy(), &mut report)?;
+                }
                 self.finish_destroy(&path)?;
                 report.finished_deletes += 1;
             }
             sys::fsync_dir(&disk.dir)?;
         }
+        // What is in our pools now, by identity.
+        let mut volume_files = std::collections::HashSet::new();
+        let mut other_files = std::collections::HashSet::new();
+        let mut pool_filesystems = std::collections::HashSet::new();
+        for (_, disk) in self.pools.disks() {
+            let dir_meta = std::fs::metadata(&disk.dir).map_err(io_err("stat", &disk.dir))?;
+            pool_filesystems.insert(sys::FileId::from_metadata(&dir_meta).dev);
+            let entries = std::fs::read_dir(&disk.dir).map_err(io_err("read_dir", &disk.dir))?;
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                let backing = sys::FileId::from_metadata(&meta);
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name
+                    .strip_suffix(".img")
+                    .is_some_and(|id| VolumeId::parse(id).is_ok())
+                {
+                    volume_files.insert(backing);
+                } else {
+                    other_files.insert(backing);
+                }
+            }
+        }
         // Loop devices over files in our pools that are no longer volumes.
-        let dirs: Vec<&Path> = self.pools.disks().map(|(_, d)| d.dir.as_path()).collect();
         for l in sys::attached_loops()? {
-            let backing = PathBuf::from(l.backing_file.trim_end_matches(" (deleted)"));
-            if !dirs.iter().any(|d| backing.parent() == Some(*d)) {
+            if volume_files.contains(&l.backing) {
+                if l.offset != HEADER_BYTES {
+                    tracing::warn!(device = %l.device_path().display(), offset = l.offset, "a volume file is attached at an offset sealvol never uses");
+                }
+                report.kept_volumes_in_use += 1;
                 continue;
             }
-            let is_volume = !l.backing_deleted()
-                && backing.extension().is_some_and(|e| e == "img")
-                && backing.exists();
-            if is_volume {
-                report.kept_volumes_in_use += 1;
-            } else {
-                self.release_orphan_loops_of(&backing, &mut report)?;
+            let orphan = other_files.contains(&l.backing)
+                || (l.backing_deleted()
+                    && pool_filesystems.contains(&l.backing.dev)
+                    && is_volume_file_name(l.backing_name()));
+            if orphan {
+                self.release_orphan_loops_of(l.backing, &l.backing_file, &mut report)?;
             }
         }
         // Inline staging directories of volumes that are gone.
@@ -70,16 +103,17 @@ impl Manager {
         Ok(report)
     }
 
-    /// Unmounts everything mounted from loop devices over `backing` and detaches them.
+    /// Unmounts everything mounted from loop devices over the file with identity `backing`
+    /// (`what` names it in the log) and detaches them.
     pub(super) fn release_orphan_loops_of(
         &self,
-        backing: &Path,
+        backing: sys::FileId,
+        what: &str,
         report: &mut RecoveryReport,
     ) -> Result<(), VolumeError> {
-        let wanted = backing.to_string_lossy();
         let table = MountTable::read()?;
         for l in sys::attached_loops()? {
-            if l.backing_file.trim_end_matches(" (deleted)") != wanted {
+            if l.backing != backing {
                 continue;
             }
             let dev = l.device_path().to_string_lossy().into_owned();
@@ -91,13 +125,11 @@ impl Manager {
                     report.removed_orphan_mounts += 1;
                 }
             }
-            if let Some(handle) =
-                LoopDevice::open_existing(l.number, Path::new(l.backing_file.as_str()))?
-            {
+            if let Some(handle) = LoopDevice::open_bound_to(l.number, backing)? {
                 handle.detach()?;
             }
             report.detached_orphan_loops += 1;
-            tracing::warn!(device = %dev, backing = %wanted, "released a loop device that belonged to no volume");
+            tracing::warn!(device = %dev, backing = %what, "released a loop device that belonged to no volume");
         }
         Ok(())
     }
@@ -109,8 +141,9 @@ impl Manager {
         let (mut created, mut staged, mut published) = (0, 0, 0);
         for (_, disk) in self.pools.disks() {
             for id in disk.volume_ids()? {
-                let path = disk.volume_path(&id).to_string_lossy().into_owned();
-                match loops.iter().find(|l| l.backing_file == path) {
+                // By identity: the path a loop device reports is its attacher's.
+                let backing = sys::FileId::of(&disk.volume_path(&id))?;
+                match loops.iter().find(|l| Some(l.backing) == backing) {
                     None => created += 1,
                     Some(l) if publications(&table, l).next().is_some() => published += 1,
                     Some(_) => staged += 1,
@@ -132,4 +165,14 @@ impl Manager {
     pub(crate) fn probe(&self) -> Result<(), VolumeError> {
         self.pools.check().map_err(Into::into)
     }
+}
+
+/// Whether `name` is, or was while a create or delete ran, the file name of a volume.
+fn is_volume_file_name(name: &str) -> bool {
+    [".img", ".img.creating", ".img.deleting"]
+        .iter()
+        .any(|suffix| {
+            name.strip_suffix(suffix)
+                .is_some_and(|id| VolumeId::parse(id).is_ok())
+        })
 }

@@ -122,7 +122,26 @@ pub async fn node_for(azure: &Azure) -> (ScratchNode, CsiClient) {
 }
 
 pub async fn node_with(azure: &Azure, extra: &[&str]) -> (ScratchNode, CsiClient) {
-    let mut node = ScratchNode::new(&binary(), None).unwrap();
+    require_root();
+    let node = ScratchNode::new(&binary(), None).unwrap();
+    start_for(azure, node, extra).await
+}
+
+/// A node plugin run as a container runs it (see `ScratchNode::containerized`).
+pub async fn node_in_container(azure: &Azure, extra: &[&str]) -> (ScratchNode, CsiClient) {
+    require_root();
+    let node = ScratchNode::new(&binary(), None)
+        .unwrap()
+        .containerized(1 << 30)
+        .unwrap();
+    start_for(azure, node, extra).await
+}
+
+async fn start_for(
+    azure: &Azure,
+    mut node: ScratchNode,
+    extra: &[&str],
+) -> (ScratchNode, CsiClient) {
     let ca = node.root.join("emulator-ca.pem");
     std::fs::write(&ca, &azure.emu.ca_cert_pem).unwrap();
     let args = [
@@ -138,7 +157,6 @@ pub async fn node_with(azure: &Azure, extra: &[&str]) -> (ScratchNode, CsiClient
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
     node = node.with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    require_root();
     let client = node.start(&[]).await.unwrap();
     (node, client)
 }
