@@ -1,6 +1,7 @@
 //! The control plane for tests, under `/_emulator/`, served only with `--admin`: identities,
 //! federated credentials, role assignments, keys and issuers; service-account tokens from the
-//! fake issuers; injected faults; the per-route call counters; and the request records.
+//! fake issuers; injected faults; the per-route call counters; the request records; and the
+//! role-assignment propagation delay.
 //! Nothing here exists in Azure.
 
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -42,6 +43,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/_emulator/faults", post(add_fault).delete(clear_faults))
         .route("/_emulator/counters", get(counters).delete(reset_counters))
         .route("/_emulator/records", get(records).delete(clear_records))
+        .route("/_emulator/propagation-delay", put(set_delay))
 }
 
 fn disabled(shared: &Shared) -> Option<Response> {
@@ -235,5 +237,18 @@ async fn clear_records(State(s): State<Arc<Shared>>) -> Response {
         return r;
     }
     s.records.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct Delay {
+    ms: u64,
+}
+
+async fn set_delay(State(s): State<Arc<Shared>>, Json(d): Json<Delay>) -> Response {
+    if let Some(r) = disabled(&s) {
+        return r;
+    }
+    s.lock().propagation_delay = std::time::Duration::from_millis(d.ms);
     StatusCode::NO_CONTENT.into_response()
 }
