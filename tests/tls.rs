@@ -7,21 +7,27 @@ mod common;
 use common::azure::*;
 use common::*;
 
-async fn node_without(azure: &Azure, authority: &str) -> (ScratchNode, CsiClient) {
+async fn node_without(azure: &Azure, authority: &str, trust: bool) -> (ScratchNode, CsiClient) {
     require_root();
-    // No --ca-file: the emulator's certificate is signed by nobody this node trusts.
-    let mut node = ScratchNode::new(&binary(), None).unwrap().with_args(&[
+    // Without --ca-file the emulator's certificate is signed by nobody this node trusts.
+    let mut node = ScratchNode::new(&binary(), None).unwrap();
+    if trust {
+        let ca = node.root.join("emulator-ca.pem");
+        std::fs::write(&ca, &azure.emu.ca_cert_pem).unwrap();
+        node = node.with_args(&[&format!("--ca-file={}", ca.display())]);
+    }
+    let mut node = node.with_args(&[
         &format!("--authority-host={authority}"),
         &format!("--tenant-id={TENANT}"),
         "--keyvault-verify-challenge=false",
+        &format!("--allowed-vault-hosts={}", azure.vault_hosts()),
     ]);
-    let _ = azure;
     let c = node.start(&[]).await.unwrap();
     (node, c)
 }
 
-async fn first_publish(azure: &Azure, authority: &str) -> tonic::Status {
-    let (node, mut c) = node_without(azure, authority).await;
+async fn first_publish(azure: &Azure, authority: &str, trust: bool) -> tonic::Status {
+    let (node, mut c) = node_without(azure, authority, trust).await;
     let id = create_encrypted(&mut c, azure, "pvc-tls", "keyvault-key").await;
     c.node.node_stage_volume(node.stage(&id)).await.unwrap();
     let s = refused(
@@ -38,7 +44,7 @@ async fn first_publish(azure: &Azure, authority: &str) -> tonic::Status {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_is_named() {
     let azure = Azure::start().await;
-    let s = first_publish(&azure, &azure.emu.base_url).await;
+    let s = first_publish(&azure, &azure.emu.base_url, false).await;
     assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
     assert!(
         s.message().contains("UnknownIssuer") || s.message().contains("certificate"),
@@ -54,7 +60,8 @@ async fn a_refused_connection_is_named() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let s = first_publish(&azure, &format!("https://127.0.0.1:{port}")).await;
+    // The vault is trusted, so the Entra exchange is what fails.
+    let s = first_publish(&azure, &format!("https://127.0.0.1:{port}"), true).await;
     assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
     assert!(
         s.message().to_lowercase().contains("connection refused"),

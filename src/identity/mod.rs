@@ -202,9 +202,11 @@ fn classify(e: azure_core::Error) -> IdentityError {
         Some(c) if client_error && DEFINITIVE_AADSTS.contains(&c) => {
             IdentityError::Refused(aadsts_summary(&text))
         }
+        // The whole chain of causes: "retry policy expired" alone does not say that the
+        // certificate was refused or the connection was.
         _ => IdentityError::Unavailable(match code {
             Some(_) => aadsts_summary(&text),
-            None => text,
+            None => crate::error_text::with_causes(&e),
         }),
     }
 }
