@@ -46,6 +46,10 @@ pub enum HarnessError {
     Timeout(Duration),
     #[error("connecting to the node plugin: {0}")]
     Connect(#[from] tonic::transport::Error),
+    #[error(
+        "{0} needs the crash and pause points: build with `--features test-hooks` (hack/test does)"
+    )]
+    NoTestHooks(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
@@ -164,6 +168,13 @@ impl ScratchNode {
     /// Starts `sealvol node` (with `env` added) and waits until its socket accepts
     /// connections.
     pub async fn start(&mut self, env: &[(&str, &str)]) -> Result<CsiClient, HarnessError> {
+        if !cfg!(feature = "test-hooks")
+            && let Some((hook, _)) = env
+                .iter()
+                .find(|(k, _)| *k == "SEALVOL_CRASH_AT" || *k == "SEALVOL_PAUSE_AT")
+        {
+            return Err(HarnessError::NoTestHooks((*hook).to_string()));
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -269,15 +280,19 @@ impl ScratchNode {
             .unwrap_or_default()
     }
 
-    /// Loop devices over files of this scratch node: by the backing file's identity (a file in
-    /// the pool directory, or any file of the pool's own filesystem when containerized), or
-    /// by the path the kernel reports.
+    /// Loop devices over files of this scratch node: by the label its node plugin gives them,
+    /// by the backing file's identity (a file in the pool directory, or any file of the pool's
+    /// own filesystem when containerized), or by the path the kernel reports.
     fn own_loops(&self) -> Vec<AttachedLoop> {
         use std::os::unix::fs::MetadataExt;
         let root = format!("{}/", self.root.display());
         let pool_dev = (!self.infra_mounts.is_empty())
             .then(|| std::fs::metadata(&self.pool_dir).ok().map(|m| m.dev()))
             .flatten();
+        // The label the node plugin gives its loop devices (volume::loop_owner).
+        let owner_label = std::fs::read_to_string(self.state_dir.join("loop-owner"))
+            .ok()
+            .map(|o| format!("sealvol:{}", o.trim()));
         let pool_files: Vec<FileId> = std::fs::read_dir(&self.pool_dir)
             .map(|rd| {
                 rd.flatten()
@@ -290,7 +305,10 @@ impl ScratchNode {
             .unwrap_or_default()
             .into_iter()
             .filter(|l| {
-                l.backing_file.starts_with(&root)
+                owner_label
+                    .as_deref()
+                    .is_some_and(|o| l.label.starts_with(o))
+                    || l.backing_file.starts_with(&root)
                     || pool_files.contains(&l.backing)
                     || pool_dev == Some(l.backing.dev)
             })

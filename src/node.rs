@@ -14,7 +14,8 @@ use crate::keys::KeyVault;
 use crate::pool::{PoolError, PoolSpec, Pools};
 use crate::sys::{SysError, Tools};
 use crate::volume::{
-    KeyRelease, Manager, NodePolicy, NodeSettings, VolumeError, parse_host_rules, parse_key_modes,
+    KeyRelease, Manager, NodePolicy, NodeSettings, VolumeError, loop_owner, parse_host_rules,
+    parse_key_modes,
 };
 
 /// Everything `sealvol node` needs, as parsed from its flags.
@@ -273,6 +274,7 @@ pub async fn run_node(
     let policy = node_policy(&cfg)?;
     let state_dir = dir("--state-dir", &cfg.state_dir)?;
     let kubelet_dir = dir("--kubelet-dir", &cfg.kubelet_dir)?;
+    let loop_owner = loop_owner(&state_dir)?;
     let pools = tokio::task::block_in_place(|| {
         Pools::open(&specs, &state_dir, &tools, cfg.take_over_disks)
     })?;
@@ -295,6 +297,7 @@ pub async fn run_node(
             reauthorize_interval: cfg.reauthorize_interval,
             revoke_grace: cfg.revoke_grace,
             policy,
+            loop_owner,
         },
         pools,
         tools,

@@ -227,6 +227,42 @@ async fn mounts_and_loops_of_nothing_are_cleaned_up() {
     assert_clean(&node);
 }
 
+/// Two node plugins whose pools share a filesystem (as parallel tests do, or two drivers on
+/// one host): one plugin's start never releases the other's loop devices, even over an
+/// unlinked volume file, which the kernel cannot tell apart by path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_plugins_orphans_are_left_to_it() {
+    let (mut mine, _c) = start().await;
+    let (mut other, mut other_c) = start().await;
+    let (id, target) = ready(&other, &mut other_c, "pvc-theirs", 32 * MIB, "pod").await;
+    other.kill();
+    std::fs::remove_file(other.pool_dir.join(format!("{id}.img"))).unwrap();
+    mine.kill();
+    let _c = mine.start(&[]).await.unwrap();
+    assert!(
+        !mine.log().contains("released a loop device"),
+        "{}",
+        mine.log()
+    );
+    assert!(is_mounted(&target), "the other plugin's mounts are its own");
+    assert_eq!(other.loop_devices().len(), 1);
+    // Its own plugin releases them.
+    let _other_c = other.start(&[]).await.unwrap();
+    assert!(
+        other
+            .log()
+            .contains("released a loop device that belonged to no volume")
+    );
+    for _ in 0..100 {
+        if other.loop_devices().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_clean(&other);
+    assert_clean(&mine);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_socket_is_replaced() {
     let (mut node, _c) = start().await;

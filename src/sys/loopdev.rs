@@ -107,6 +107,9 @@ pub(crate) struct AttachedLoop {
     /// only: it is resolved in the attacher's mount namespace, and the kernel appends
     /// " (deleted)" once the file is unlinked.
     pub(crate) backing_file: String,
+    /// The label its attacher gave it (`lo_file_name`; see `LoopDevice::attach`); empty when
+    /// none, or when `losetup` put a path there.
+    pub(crate) label: String,
 }
 
 impl AttachedLoop {
@@ -138,7 +141,17 @@ pub(crate) fn device_path(number: u32) -> PathBuf {
 impl LoopDevice {
     /// Binds `backing` to a free loop device, starting `offset` bytes into the file, with a
     /// 4 KiB logical block size and direct I/O when the backing filesystem supports it.
-    pub(crate) fn attach(backing: &Path, offset: u64) -> Result<LoopDevice, SysError> {
+    /// `label` (at most 63 bytes) is stored as the device's `lo_file_name`, which the kernel
+    /// keeps verbatim and returns in `LOOP_GET_STATUS64`: it says who attached the device even
+    /// after the backing file is unlinked and the attacher's mount namespace is gone.
+    pub(crate) fn attach(backing: &Path, offset: u64, label: &str) -> Result<LoopDevice, SysError> {
+        if label.len() >= LO_NAME_SIZE {
+            return Err(SysError::errno(
+                "LOOP_CONFIGURE",
+                backing,
+                Errno::ENAMETOOLONG,
+            ));
+        }
         let backing_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -166,7 +179,7 @@ impl LoopDevice {
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => continue,
                 Err(e) => return Err(SysError::io("open", path, e)),
             };
-            let config = loop_config_for(&backing_file, offset, direct_io);
+            let config = loop_config_for(&backing_file, offset, direct_io, label);
             // SAFETY: `config` is a fully initialised `struct loop_config` that outlives the
             // call; the kernel only reads it.
             match retry_eintr(|| unsafe { loop_configure(device.as_raw_fd(), &config) }) {
@@ -215,7 +228,7 @@ impl LoopDevice {
             return Ok(None);
         };
         match status(&file, number)? {
-            Some((id, _)) if id == backing => Ok(Some(LoopDevice { number, file })),
+            Some(s) if s.backing == backing => Ok(Some(LoopDevice { number, file })),
             _ => Ok(None),
         }
     }
@@ -242,7 +255,9 @@ impl LoopDevice {
     }
 }
 
-fn loop_config_for(backing: &File, offset: u64, direct_io: bool) -> LoopConfig {
+fn loop_config_for(backing: &File, offset: u64, direct_io: bool, label: &str) -> LoopConfig {
+    let mut file_name = [0u8; LO_NAME_SIZE];
+    file_name[..label.len()].copy_from_slice(label.as_bytes());
     let mut flags = LO_FLAGS_AUTOCLEAR;
     if direct_io {
         flags |= LO_FLAGS_DIRECT_IO;
@@ -260,7 +275,7 @@ fn loop_config_for(backing: &File, offset: u64, direct_io: bool) -> LoopConfig {
             lo_encrypt_type: 0,
             lo_encrypt_key_size: 0,
             lo_flags: flags,
-            lo_file_name: [0; LO_NAME_SIZE],
+            lo_file_name: file_name,
             lo_crypt_name: [0; LO_NAME_SIZE],
             lo_encrypt_key: [0; LO_KEY_SIZE],
             lo_init: [0; 2],
@@ -312,8 +327,15 @@ fn open_device(number: u32, write: bool) -> Result<Option<File>, SysError> {
     }
 }
 
-/// The backing file's identity and the offset of an open loop device; None when unbound.
-fn status(device: &File, number: u32) -> Result<Option<(FileId, u64)>, SysError> {
+/// What `LOOP_GET_STATUS64` says of a bound device.
+struct Status {
+    backing: FileId,
+    offset: u64,
+    label: String,
+}
+
+/// The backing file's identity, offset and label of an open loop device; None when unbound.
+fn status(device: &File, number: u32) -> Result<Option<Status>, SysError> {
     let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
     // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64` into the buffer, which is
     // valid for writes of that size for the duration of the call; the fd is an open loop
@@ -327,11 +349,19 @@ fn status(device: &File, number: u32) -> Result<Option<(FileId, u64)>, SysError>
     // SAFETY: zero-initialised and then filled by the kernel; every field is a plain integer
     // or byte array, for which any bit pattern is valid.
     let info = unsafe { info.assume_init() };
-    let id = FileId {
-        dev: dev_from_kernel(info.lo_device),
-        ino: info.lo_inode,
-    };
-    Ok(Some((id, info.lo_offset)))
+    let name_len = info
+        .lo_file_name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(LO_NAME_SIZE);
+    Ok(Some(Status {
+        backing: FileId {
+            dev: dev_from_kernel(info.lo_device),
+            ino: info.lo_inode,
+        },
+        offset: info.lo_offset,
+        label: String::from_utf8_lossy(&info.lo_file_name[..name_len]).into_owned(),
+    }))
 }
 
 /// `lo_device` is the kernel's `huge_encode_dev` (= `new_encode_dev`) form; `st_dev` is
@@ -385,14 +415,13 @@ fn read_attached(number: u32, reported: String) -> Result<Option<AttachedLoop>, 
     let Some(device) = open_device(number, false)? else {
         return Ok(None);
     };
-    Ok(
-        status(&device, number)?.map(|(backing, offset)| AttachedLoop {
-            number,
-            backing,
-            offset,
-            backing_file: reported,
-        }),
-    )
+    Ok(status(&device, number)?.map(|s| AttachedLoop {
+        number,
+        backing: s.backing,
+        offset: s.offset,
+        backing_file: reported,
+        label: s.label,
+    }))
 }
 
 /// Every bound loop device, with its backing file's identity. Each device is opened briefly
@@ -546,21 +575,40 @@ mod tests {
         }
     }
 
-    /// The device this process attaches reports the file's identity and the offset.
+    /// The device this process attaches reports the file's identity, the offset and the
+    /// label, which outlives the file's name.
     #[test]
-    fn attach_reports_identity_and_offset() {
+    fn attach_reports_identity_offset_and_label() {
         assert!(root(), "this test needs root (loop devices, mounts)");
         let tmp = tempfile::tempdir().expect("tempdir");
         let file = sparse_file(tmp.path(), "sv-attach.img");
-        let device = LoopDevice::attach(&file, 1 << 20).expect("attach");
+        let too_long = "x".repeat(LO_NAME_SIZE);
+        assert!(LoopDevice::attach(&file, 1 << 20, &too_long).is_err());
+        let label = format!("sealvol:{}", "0123456789abcdef");
+        let device = LoopDevice::attach(&file, 1 << 20, &label).expect("attach");
         let found = find_loop_for(&file).expect("lookup").expect("found");
         assert_eq!(found.number, device.number);
         assert_eq!(found.offset, 1 << 20);
+        assert_eq!(found.label, label);
         assert_eq!(
             found.backing,
             FileId::of(&file).expect("stat").expect("exists")
         );
+        std::fs::remove_file(&file).expect("unlink");
+        let unlinked = attached_loops()
+            .expect("list")
+            .into_iter()
+            .find(|l| l.number == device.number)
+            .expect("still bound");
+        assert!(unlinked.backing_deleted());
+        assert_eq!(unlinked.label, label);
+        assert_eq!(unlinked.backing, found.backing);
         device.detach().expect("detach");
-        assert!(find_loop_for(&file).expect("lookup").is_none());
+        assert!(
+            attached_loops()
+                .expect("list")
+                .iter()
+                .all(|l| l.backing != found.backing)
+        );
     }
 }

@@ -1,21 +1,23 @@
-//! Test points for recovery and concurrency tests. When `SEALVOL_CRASH_AT` names a point, the
-//! process aborts there, as a `kill -9` would, so a test can restart the driver and check that
-//! the call can be repeated. When `SEALVOL_PAUSE_AT=point:millis` names it, the call sleeps
-//! there while holding its volume's guard, so a test can collide with it deterministically.
-//! Unset in production, a point costs one comparison.
+//! Test points for recovery and concurrency tests, compiled only with the `test-hooks` cargo
+//! feature (which hack/test enables); the production binary carries none and a point costs
+//! nothing. When `SEALVOL_CRASH_AT` names a point, the process aborts there, as a `kill -9`
+//! would, so a test can restart the driver and check that the call can be repeated. When
+//! `SEALVOL_PAUSE_AT=point:millis` names it, the call sleeps there while holding its volume's
+//! guard, so a test can collide with it deterministically.
 
-use std::sync::OnceLock;
-use std::time::Duration;
-
-pub(crate) const CRASH_ENV: &str = "SEALVOL_CRASH_AT";
-pub(crate) const PAUSE_ENV: &str = "SEALVOL_PAUSE_AT";
-
-struct Points {
-    crash: Option<String>,
-    pause: Option<(String, Duration)>,
-}
-
+#[cfg(feature = "test-hooks")]
 pub(crate) fn point(name: &str) {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    const CRASH_ENV: &str = "SEALVOL_CRASH_AT";
+    const PAUSE_ENV: &str = "SEALVOL_PAUSE_AT";
+
+    struct Points {
+        crash: Option<String>,
+        pause: Option<(String, Duration)>,
+    }
+
     static POINTS: OnceLock<Points> = OnceLock::new();
     let points = POINTS.get_or_init(|| Points {
         crash: std::env::var(CRASH_ENV).ok(),
@@ -34,3 +36,7 @@ pub(crate) fn point(name: &str) {
         std::thread::sleep(*pause);
     }
 }
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub(crate) fn point(_name: &str) {}

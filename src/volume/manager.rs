@@ -39,6 +39,8 @@ pub(crate) struct NodeSettings {
     pub(crate) revoke_grace: Duration,
     /// What volumes this node serves.
     pub(crate) policy: super::NodePolicy,
+    /// This node plugin's tag in the labels of the loop devices it attaches (`loop_owner`).
+    pub(crate) loop_owner: String,
 }
 
 /// A loaded volume: where its file is and what its header says.
@@ -75,6 +77,43 @@ pub(super) fn io_err<'a>(
     move |e| VolumeError::Sys(SysError::io(op, path, e))
 }
 
+/// The file in the state directory that holds `loop_owner`.
+const LOOP_OWNER_FILE: &str = "loop-owner";
+
+/// This node plugin's owner tag: random, made at the first start and kept in the state
+/// directory, so it outlives restarts and upgrades. Every loop device the plugin attaches is
+/// labelled with it, which is how recovery tells its own devices over deleted files from
+/// those of another plugin whose pool shares the filesystem (the kernel keeps no path that
+/// would tell).
+pub(crate) fn loop_owner(state_dir: &Path) -> Result<String, VolumeError> {
+    let path = state_dir.join(LOOP_OWNER_FILE);
+    let valid = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match std::fs::read_to_string(&path) {
+        Ok(s) if valid(s.trim()) => return Ok(s.trim().to_string()),
+        Ok(s) => {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "{} holds {:?}, not 16 hexadecimal digits; remove it only when no loop device of this node is in use",
+                path.display(),
+                s.chars().take(40).collect::<String>()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", &path)(e)),
+    }
+    let mut bytes = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| VolumeError::Internal("the OS RNG failed".into()))?;
+    let owner: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(state_dir).map_err(io_err("create", state_dir))?;
+    std::io::Write::write_all(&mut tmp, owner.as_bytes()).map_err(io_err("write", &path))?;
+    tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
+    tmp.persist_noclobber(&path)
+        .map_err(|e| io_err("create", &path)(e.error))?;
+    sys::fsync_dir(state_dir)?;
+    Ok(owner)
+}
+
 pub(super) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -99,6 +138,17 @@ impl Manager {
             release,
             authorizations,
         }
+    }
+
+    /// The label of every loop device this node plugin attaches (the volume is known by the
+    /// backing file's identity; inline volume ids would not fit the kernel's 64 bytes).
+    pub(super) fn loop_label(&self) -> String {
+        format!("sealvol:{}", self.settings.loop_owner)
+    }
+
+    /// Whether loop device `l` was attached by this node plugin (now or before a restart).
+    pub(super) fn attached_by_us(&self, l: &AttachedLoop) -> bool {
+        l.label == self.loop_label()
     }
 
     pub(crate) fn node_id(&self) -> &str {

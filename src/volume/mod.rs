@@ -27,7 +27,7 @@ use manager::{
     INLINE_DIR, Volume, invalid, io_err, is_data_mount_of, is_fs_mount_of, not_found, now_unix,
     publications, write_header,
 };
-pub(crate) use manager::{Manager, NodeSettings, TOPOLOGY_KEY};
+pub(crate) use manager::{Manager, NodeSettings, TOPOLOGY_KEY, loop_owner};
 pub(crate) use params::parse_size;
 pub(crate) use params::{
     AccessMode, Capability, CapacityRange, VolumeParams, check_fs_type, parse_mount_flags,

@@ -24,10 +24,11 @@ impl Manager {
     ///
     /// Loop devices are matched to files by identity (device and inode), never by the path
     /// the kernel reports: that is the attacher's path, and after an upgrade the attacher was
-    /// another container, in another mount namespace, now gone. A loop device is ours when its
-    /// backing file is a file in one of our pool directories, or was unlinked, lives on a
-    /// pool's filesystem and was last named like a volume file. Any other loop device on the
-    /// same filesystem (another driver's, another node plugin's pool) is left alone.
+    /// another container, in another mount namespace, now gone. Which plugin attached a device
+    /// is in its label (`Manager::loop_label`). An orphan of ours is a device we attached
+    /// whose backing file is a non-volume file in one of our pool directories, or was
+    /// unlinked, lives on a pool's filesystem and was last named like a volume file. Devices
+    /// another node plugin attached are left alone, even over the same filesystem.
     pub(crate) fn recover(&self) -> Result<RecoveryReport, VolumeError> {
         let mut report = RecoveryReport::default();
         for (_, disk) in self.pools.disks() {
@@ -76,10 +77,14 @@ impl Manager {
                 report.kept_volumes_in_use += 1;
                 continue;
             }
-            let orphan = other_files.contains(&l.backing)
-                || (l.backing_deleted()
-                    && pool_filesystems.contains(&l.backing.dev)
-                    && is_volume_file_name(l.backing_name()));
+            // A device another plugin attached is never ours, whatever its file; one with no
+            // label was attached by a sealvol from before labels (or by hand, without one).
+            let ours = self.attached_by_us(&l) || l.label.is_empty();
+            let orphan = ours
+                && (other_files.contains(&l.backing)
+                    || (l.backing_deleted()
+                        && pool_filesystems.contains(&l.backing.dev)
+                        && is_volume_file_name(l.backing_name())));
             if orphan {
                 self.release_orphan_loops_of(l.backing, &l.backing_file, &mut report)?;
             }

@@ -79,7 +79,7 @@ impl Manager {
         };
         let device = match device {
             Some(d) => d,
-            None => LoopDevice::attach(&vol.file.path, HEADER_BYTES)?,
+            None => LoopDevice::attach(&vol.file.path, HEADER_BYTES, &self.loop_label())?,
         };
         crash::point("stage.attached");
         if !vol.record.formatted {
