@@ -3,6 +3,7 @@
 //! with proof that the data is encrypted, that the key leaves with the pod, that another
 //! identity is refused, and that nothing is left behind.
 
+use base64::Engine;
 use std::path::Path;
 use std::time::Instant;
 
@@ -56,11 +57,15 @@ pub fn emulator_config(issuer_sa: &[(&str, &str, &str)]) -> serde_json::Value {
                 {"name": sa, "issuer": "{emulator}/issuers/cluster", "subject": format!("system:serviceaccount:demo:{sa}")}]})
         })
         .collect();
+    // A fresh KEK secret per run: none is kept in the binary.
+    let mut kek = [0u8; 32];
+    let _ = aws_lc_rs::rand::fill(&mut kek);
+    let kek_secret = base64::engine::general_purpose::STANDARD.encode(kek);
     serde_json::json!({
         "tenants": [{"id": TENANT, "identities": identities}],
         "issuers": ["cluster"],
         "vaults": [{"name": "demo-kv", "tenant": TENANT, "keys": [{"name": "kek"}],
-                    "secrets": [{"name": "kek-secret", "value": "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="}]}],
+                    "secrets": [{"name": "kek-secret", "value": kek_secret}]}],
         "role_assignments": [
             {"principal": APP_OID, "role": "Key Vault Crypto Service Encryption User", "scope": "/vaults/demo-kv/keys/kek"},
             {"principal": APP_OID, "role": "Key Vault Secrets User", "scope": "/vaults/demo-kv/secrets/kek-secret"}

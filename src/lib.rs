@@ -20,6 +20,8 @@ pub mod harness;
 pub mod proto;
 
 pub use node::{NodeConfig, StartError, run_node};
+/// The allocator the binary installs: the system's, clearing every block it frees or moves.
+pub use sys::{KeyMemory, ZeroOnFree};
 
 /// The default of `--allowed-vault-hosts`.
 pub fn default_vault_hosts() -> String {

@@ -9,6 +9,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Every heap block is cleared before it is freed or moved: buffers that carried key material
+/// through HTTP, TLS and JSON leave no copy behind.
+#[global_allocator]
+static ALLOCATOR: sealvol::ZeroOnFree = sealvol::ZeroOnFree;
+
 #[derive(Parser)]
 #[command(
     name = "sealvol",
@@ -120,6 +125,20 @@ struct NodeArgs {
     /// The largest inline volume a pod may ask for (e.g. 10Gi).
     #[arg(long, default_value = "10Gi")]
     inline_max_size: String,
+    /// How long an inline volume whose first publish was refused is kept (keyless, counted
+    /// in the pool) so kubelet's retries find it, before it is removed (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    refused_inline_ttl: std::time::Duration,
+    /// Where plaintext keys live: `locked` (mlock'd memory) or `secret` (memfd_secret, which
+    /// not even the kernel maps; Linux 5.14+ with secretmem enabled).
+    #[arg(long, value_enum, default_value_t = KeyMemoryArg::Locked)]
+    key_memory: KeyMemoryArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyMemoryArg {
+    Locked,
+    Secret,
 }
 
 /// "250ms", "30s", "5m", "1h", or a plain number of seconds.
@@ -207,6 +226,11 @@ fn main() -> anyhow::Result<()> {
                 allowed_vault_hosts: a.allowed_vault_hosts,
                 inline_pools: a.inline_pools,
                 inline_max_size: a.inline_max_size,
+                refused_inline_ttl: a.refused_inline_ttl,
+                key_memory: match a.key_memory {
+                    KeyMemoryArg::Locked => sealvol::KeyMemory::Locked,
+                    KeyMemoryArg::Secret => sealvol::KeyMemory::Secret,
+                },
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
             Ok(())

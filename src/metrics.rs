@@ -1,7 +1,8 @@
 //! Prometheus metrics (OpenMetrics text on `--metrics-address`, with `/healthz` beside it):
 //! CSI calls by method and gRPC code with latency, Entra and Key Vault calls with outcome and
 //! latency, the token cache, key events (generate, wrap, unwrap, evict, wipe, denial, lock,
-//! unlock, reauthorize), and, computed at scrape time, volumes by state and pool space.
+//! unlock, reauthorize), and, computed at scrape time, volumes by state and by KEK version,
+//! and pool space.
 //!
 //! One registry per process, reached through `metrics()`, so every layer can count without
 //! threading a handle through the calls.
@@ -55,6 +56,13 @@ pub(crate) struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KekLabels {
+    /// `vault-host/name`: the KEK (a key, or a keyvault-secret secret).
+    pub(crate) kek: String,
+    pub(crate) version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PoolLabels {
     pub(crate) pool: String,
 }
@@ -72,6 +80,7 @@ pub(crate) struct Metrics {
     pub(crate) token_cache: Family<CacheLabels, Counter>,
     pub(crate) key_events: Family<EventLabels, Counter>,
     pub(crate) volumes: Family<StateLabels, Gauge>,
+    pub(crate) volumes_by_kek: Family<KekLabels, Gauge>,
     pub(crate) pool_capacity: Family<PoolLabels, Gauge>,
     pub(crate) pool_free: Family<PoolLabels, Gauge>,
 }
@@ -88,6 +97,7 @@ pub(crate) fn metrics() -> &'static Metrics {
             token_cache: Family::default(),
             key_events: Family::default(),
             volumes: Family::default(),
+            volumes_by_kek: Family::default(),
             pool_capacity: Family::default(),
             pool_free: Family::default(),
             registry: Registry::default(),
@@ -99,6 +109,7 @@ pub(crate) fn metrics() -> &'static Metrics {
         registry.register("token_cache_lookups", "Access-token cache lookups by result", m.token_cache.clone());
         registry.register("key_events", "Key events (generate, wrap, unwrap, evict, wipe, denial, lock, unlock, reauthorize) by result", m.key_events.clone());
         registry.register("volumes", "Volumes on this node by state (created, staged, published)", m.volumes.clone());
+        registry.register("volumes_by_kek_version", "Volumes on this node whose DEK is wrapped by each KEK version: an old version may be disabled once it counts none, on every node", m.volumes_by_kek.clone());
         registry.register("pool_capacity_bytes", "Size of each pool", m.pool_capacity.clone());
         registry.register("pool_free_bytes", "Space each pool can still promise", m.pool_free.clone());
         Metrics { registry, ..m }
@@ -159,6 +170,22 @@ impl Metrics {
                 state: state.into(),
             })
             .set(n);
+    }
+
+    /// Replaces the per-KEK-version counts with `counts` ((kek, version) -> volumes).
+    pub(crate) fn set_volumes_by_kek(
+        &self,
+        counts: &std::collections::BTreeMap<(String, String), i64>,
+    ) {
+        self.volumes_by_kek.clear();
+        for ((kek, version), n) in counts {
+            self.volumes_by_kek
+                .get_or_create(&KekLabels {
+                    kek: kek.clone(),
+                    version: version.clone(),
+                })
+                .set(*n);
+        }
     }
 
     pub(crate) fn set_pool(&self, pool: &str, capacity: u64, free: u64) {

@@ -59,6 +59,11 @@ pub struct NodeConfig {
     pub allowed_vault_hosts: String,
     pub inline_pools: Vec<String>,
     pub inline_max_size: String,
+    /// How long a refused inline volume is kept, keyless, for kubelet's retries before it is
+    /// removed (kubelet never unpublishes a volume whose first publish failed).
+    pub refused_inline_ttl: Duration,
+    /// Which memory holds plaintext keys.
+    pub key_memory: crate::sys::KeyMemory,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +247,27 @@ async fn serve_metrics(
     Ok(())
 }
 
+/// Removes expired refused inline volumes, checking a few times per TTL (at most every 30 s,
+/// at least every second).
+fn spawn_refused_inline_sweeper(manager: Arc<Manager>, ttl: Duration) {
+    let period = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let m = Arc::clone(&manager);
+            match tokio::task::spawn_blocking(move || m.remove_expired_refused_inline()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "removing expired refused inline volumes failed; trying again later")
+                }
+                Err(e) => tracing::error!(error = %e, "the refused inline volume sweeper panicked"),
+            }
+        }
+    });
+}
+
 /// Runs the node plugin until `shutdown` resolves.
 pub async fn run_node(
     cfg: NodeConfig,
@@ -255,6 +281,8 @@ pub async fn run_node(
     }
     // No core dumps, no ptrace by others: keys pass through this process's memory.
     crate::sys::forbid_core_dumps()?;
+    let key_memory = crate::sys::init_key_memory(cfg.key_memory)?;
+    tracing::info!(?key_memory, "key arena mapped and locked");
     let tools = Tools::locate()?;
     let online_expansion = crate::sys::can_resize_online();
     let specs = cfg
@@ -298,6 +326,7 @@ pub async fn run_node(
             revoke_grace: cfg.revoke_grace,
             policy,
             loop_owner,
+            refused_inline_ttl: cfg.refused_inline_ttl,
         },
         pools,
         tools,
@@ -310,6 +339,7 @@ pub async fn run_node(
         );
     }
     tracing::info!(?report, "recovery done");
+    spawn_refused_inline_sweeper(Arc::clone(&manager), cfg.refused_inline_ttl);
     if let Some(addr) = cfg.metrics_address {
         serve_metrics(addr, Arc::clone(&manager)).await?;
     }

@@ -123,6 +123,7 @@ impl Gate {
             format!("--allowed-vault-hosts={vault_host}"),
             "--reauthorize-interval=0s".into(),
             "--revoke-grace=1h".into(),
+            "--refused-inline-ttl=1s".into(),
             "--log-format=json".into(),
         ];
         node = node.with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -224,6 +225,17 @@ impl Gate {
         result
     }
 
+    /// Waits for `--refused-inline-ttl` to remove every refused inline volume.
+    async fn await_refused_inline_removed(&self) {
+        for _ in 0..100 {
+            if !self.node.pool_files().iter().any(|f| f.starts_with("csi-")) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("refused inline volumes left: {:?}", self.node.pool_files());
+    }
+
     fn can_open(&self, id: &str, pod: &str) -> bool {
         let target = self.node.target_path(pod, id);
         std::fs::read(format!("{target}/marker")).is_ok()
@@ -299,10 +311,10 @@ async fn a_stranger_never_gets_a_volume_in_either_order() {
             "{mode}: the stranger got a mount"
         );
         // The stranger's own inline volume, naming a's client id or its own.
-        for client_of in ["a", "s"] {
+        for (client_of, tag) in [("a", '5'), ("s", '6')] {
             let attrs = g.params(mode, client_of);
             let s = g
-                .publish(&inline_id('5'), "pod-s-inline", "s", Some(&attrs))
+                .publish(&inline_id(tag), "pod-s-inline", "s", Some(&attrs))
                 .await
                 .unwrap_err();
             assert!(
@@ -329,6 +341,9 @@ async fn a_stranger_never_gets_a_volume_in_either_order() {
             g.remove(id).await;
         }
         g.assert_checked();
+        // The stranger's refused inline volumes were kept keyless for kubelet's retries, and
+        // the timer removes them.
+        g.await_refused_inline_removed().await;
         assert_clean(&g.node);
     }
 }

@@ -548,7 +548,9 @@ async fn secret_mode_hsm_keys_rotation_and_inline_volumes() {
     );
     let s = refused(c.node.node_publish_volume(refused_req).await);
     assert_eq!(s.code(), Code::Unauthenticated);
-    assert_clean(&node);
+    // Kept, keyless and unpublished, for kubelet's retries (tests/refused_inline.rs).
+    assert!(!is_mounted(&node.target_path("inline-pod", &inline)));
+    assert!(header(&node, &inline)["kms"]["wrapped"].is_null());
     with_pod_token(&mut req, &azure.token("app"), AUD, "default", "app", false);
     c.node.node_publish_volume(req).await.unwrap();
     std::fs::write(

@@ -6,8 +6,10 @@
 //!   is sealed locally with AES-256-GCM, the volume id and header format as associated data.
 //!
 //! Every call uses the publishing pod's access token, so the Key Vault call is the
-//! authorization check: no call, no key. Plaintext keys live only in `Dek` (locked in memory,
-//! zeroized on drop, no Debug) and never in the header, a log or an error.
+//! authorization check: no call, no key. Plaintext keys live only in the locked key arena
+//! (`sys::KeyBytes`: `Dek` and a secret KEK; cleared on drop, no Debug), and on their way
+//! through HTTP and JSON in buffers that are cleared when freed; never in the header, a log
+//! or an error.
 
 mod vault;
 
@@ -15,20 +17,19 @@ pub(crate) use vault::{Bearer, KeyVault, known_vault_suffixes};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::sys;
 
 pub(crate) const DEK_BYTES: usize = 64;
 pub(super) const SECRET_KEK_BYTES: usize = 32;
 
-/// A volume's data-encryption key: the fscrypt master key.
-pub(crate) struct Dek(Box<[u8; DEK_BYTES]>);
+/// A volume's data-encryption key: the fscrypt master key, in a slot of the locked key arena.
+pub(crate) struct Dek(sys::KeyBytes);
 
 impl Dek {
     pub(crate) fn generate() -> Result<Dek, KeyError> {
-        let mut dek = Dek(Box::new([0u8; DEK_BYTES]));
-        sys::lock_in_memory(dek.0.as_slice());
+        let mut dek = Dek(sys::KeyBytes::zeroed(DEK_BYTES).map_err(key_memory)?);
         aws_lc_rs::rand::fill(dek.0.as_mut_slice())
             .map_err(|_| KeyError::Internal("the OS RNG failed".into()))?;
         Ok(dek)
@@ -41,10 +42,7 @@ impl Dek {
                 bytes.len()
             )));
         }
-        let mut dek = Dek(Box::new([0u8; DEK_BYTES]));
-        sys::lock_in_memory(dek.0.as_slice());
-        dek.0.copy_from_slice(bytes);
-        Ok(dek)
+        Ok(Dek(sys::KeyBytes::copy_of(bytes).map_err(key_memory)?))
     }
 
     pub(crate) fn expose(&self) -> &[u8] {
@@ -52,11 +50,8 @@ impl Dek {
     }
 }
 
-impl Drop for Dek {
-    fn drop(&mut self) {
-        self.0.zeroize();
-        sys::unlock_memory(self.0.as_slice());
-    }
+fn key_memory(e: sys::SysError) -> KeyError {
+    KeyError::Internal(e.to_string())
 }
 
 /// Where a volume's KEK is and how its DEK is wrapped: recorded in the volume header. Holds

@@ -21,6 +21,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::sys;
+
 use super::{Dek, KeyError, KmsRecord, WrappedDek};
 
 /// The Key Vault REST API version used for every request.
@@ -77,6 +79,12 @@ struct SecretBundle {
 #[derive(Deserialize)]
 struct KeyBundle {
     key: Option<KeyId>,
+    attributes: Option<KeyAttributes>,
+}
+
+#[derive(Deserialize)]
+struct KeyAttributes {
+    enabled: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -173,7 +181,7 @@ impl KeyVault {
     ) -> Result<WrappedDek, KeyError> {
         if kms.secret_name.is_some() {
             let (kek, version) = self.secret_kek(kms, token, None).await?;
-            let ciphertext = super::seal(&kek, aad, dek.expose())?;
+            let ciphertext = super::seal(kek.as_slice(), aad, dek.expose())?;
             return Ok(WrappedDek {
                 kek_version: version,
                 ciphertext: STANDARD.encode(ciphertext),
@@ -227,7 +235,7 @@ impl KeyVault {
             let (kek, _) = self
                 .secret_kek(kms, token, Some(&wrapped.kek_version))
                 .await?;
-            let plain = super::open(&kek, aad, &ciphertext)?;
+            let plain = super::open(kek.as_slice(), aad, &ciphertext)?;
             return Dek::from_slice(&plain);
         }
         if !valid_object_name(&wrapped.kek_version) {
@@ -251,12 +259,13 @@ impl KeyVault {
         Dek::from_slice(&plain)
     }
 
-    /// The current version of the volume's KEK (a key), as Key Vault names it.
+    /// The current version of the volume's KEK (a key), as Key Vault names it, when it is
+    /// enabled (None when the newest version is disabled: nothing moves to it yet).
     pub(crate) async fn current_key_version(
         &self,
         kms: &KmsRecord,
         token: &Bearer<'_>,
-    ) -> Result<String, KeyError> {
+    ) -> Result<Option<String>, KeyError> {
         let name = kms.key_name.as_deref().unwrap_or_default();
         let bundle: KeyBundle = self
             .call(
@@ -267,14 +276,16 @@ impl KeyVault {
                 None,
             )
             .await?;
-        bundle
+        let enabled = bundle.attributes.and_then(|a| a.enabled).unwrap_or(true);
+        let version = bundle
             .key
             .and_then(|k| k.kid)
             .as_deref()
             .and_then(|kid| kid.rsplit('/').next())
             .filter(|v| valid_object_name(v))
             .map(str::to_string)
-            .ok_or_else(|| KeyError::Unavailable("get key answered without a key id".into()))
+            .ok_or_else(|| KeyError::Unavailable("get key answered without a key id".into()))?;
+        Ok(enabled.then_some(version))
     }
 
     /// The KEK secret (32 bytes) and its version.
@@ -283,7 +294,7 @@ impl KeyVault {
         kms: &KmsRecord,
         token: &Bearer<'_>,
         version: Option<&str>,
-    ) -> Result<(Zeroizing<Vec<u8>>, String), KeyError> {
+    ) -> Result<(sys::KeyBytes, String), KeyError> {
         let name = kms.secret_name.as_deref().unwrap_or_default();
         let path = match version {
             Some(v) if valid_object_name(v) => format!("secrets/{name}/{v}"),
@@ -314,6 +325,7 @@ impl KeyVault {
                 super::SECRET_KEK_BYTES
             )));
         }
+        let kek = sys::KeyBytes::copy_of(&kek).map_err(|e| KeyError::Internal(e.to_string()))?;
         Ok((kek, version))
     }
 

@@ -35,6 +35,8 @@ pub enum SysError {
     NoFreeLoop { attempts: u32 },
     #[error("/proc/self/mountinfo line {line} is malformed")]
     Mountinfo { line: usize },
+    #[error("key memory: {0}")]
+    KeyMemory(String),
 }
 
 impl SysError {

@@ -256,22 +256,3 @@ pub(crate) fn forbid_core_dumps() -> Result<(), SysError> {
     nix::sys::prctl::set_dumpable(false)
         .map_err(|e| SysError::errno("PR_SET_DUMPABLE", "/proc/self", e))
 }
-
-/// Locks `buf` in memory so it is never swapped out.
-pub(crate) fn lock_in_memory(buf: &[u8]) {
-    let Some(ptr) = std::ptr::NonNull::new(buf.as_ptr() as *mut std::ffi::c_void) else {
-        return;
-    };
-    // SAFETY: the range is a live allocation owned by the caller; mlock only pins its pages. A
-    // failure (RLIMIT_MEMLOCK) leaves the buffer usable, only swappable.
-    let _ = unsafe { nix::sys::mman::mlock(ptr, buf.len()) };
-}
-
-/// Undoes `lock_in_memory` (after the buffer was zeroized).
-pub(crate) fn unlock_memory(buf: &[u8]) {
-    let Some(ptr) = std::ptr::NonNull::new(buf.as_ptr() as *mut std::ffi::c_void) else {
-        return;
-    };
-    // SAFETY: as for mlock; munlock of a range that was not locked is harmless.
-    let _ = unsafe { nix::sys::mman::munlock(ptr, buf.len()) };
-}

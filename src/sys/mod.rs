@@ -8,6 +8,7 @@ mod cmd;
 mod error;
 mod fs;
 mod fscrypt;
+mod keymem;
 mod loopdev;
 mod mount;
 mod mountinfo;
@@ -19,8 +20,10 @@ pub(crate) use fs::{
 };
 pub(crate) use fscrypt::{
     KEY_IDENTIFIER_SIZE, KeyStatus, Removal, add_key, forbid_core_dumps, key_status,
-    lock_in_memory, policy_identifier, remove_key, set_policy, unlock_memory,
+    policy_identifier, remove_key, set_policy,
 };
+pub(crate) use keymem::{KeyBytes, init_key_memory};
+pub use keymem::{KeyMemory, ZeroOnFree};
 pub(crate) use loopdev::{AttachedLoop, FileId, LoopDevice, attached_loops, find_loop_for};
 pub(crate) use mount::{MountFlags, bind_mount, mount_fs, remount_bind_readonly, unmount};
 pub(crate) use mountinfo::{MountEntry, MountTable};

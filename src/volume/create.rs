@@ -82,6 +82,7 @@ impl Manager {
             ))
         })?;
         let record = VolumeRecord {
+            refused_since_ms: None,
             volume_id: id.to_string(),
             name: req.name.clone(),
             capacity_bytes: capacity,

@@ -45,6 +45,10 @@ pub(crate) struct VolumeRecord {
     /// The object events about this volume go to: its PVC, or an inline volume's pod.
     #[serde(default)]
     pub(crate) owner: Option<EventTarget>,
+    /// For an inline volume whose first publish failed: since when (Unix ms) it has been kept,
+    /// keyless, for kubelet's retries; `--refused-inline-ttl` later it is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) refused_since_ms: Option<u64>,
 }
 
 /// A Kubernetes object to post events on.
@@ -145,6 +149,7 @@ mod tests {
 
     fn record(capacity: u64) -> VolumeRecord {
         VolumeRecord {
+            refused_since_ms: None,
             volume_id: "sv-00000000000000000000000000000000".into(),
             name: "pvc-1".into(),
             capacity_bytes: capacity,

@@ -39,6 +39,8 @@ pub(crate) struct NodeSettings {
     pub(crate) revoke_grace: Duration,
     /// What volumes this node serves.
     pub(crate) policy: super::NodePolicy,
+    /// How long an inline volume whose first publish failed is kept for kubelet's retries.
+    pub(crate) refused_inline_ttl: Duration,
     /// This node plugin's tag in the labels of the loop devices it attaches (`loop_owner`).
     pub(crate) loop_owner: String,
 }

@@ -144,8 +144,24 @@ impl Manager {
         let loops = sys::attached_loops()?;
         let table = MountTable::read()?;
         let (mut created, mut staged, mut published) = (0, 0, 0);
+        let mut by_kek = std::collections::BTreeMap::new();
         for (_, disk) in self.pools.disks() {
             for id in disk.volume_ids()? {
+                if let Some(kms) = VolumeId::parse(&id)
+                    .ok()
+                    .and_then(|id| self.load(&id).ok().flatten())
+                    .and_then(|vol| vol.record.kms)
+                    && let Some(wrapped) = &kms.wrapped
+                {
+                    let vault = url::Url::parse(&kms.vault_url)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_string))
+                        .unwrap_or_default();
+                    let kek = format!("{vault}/{}", kms.kek_name());
+                    *by_kek
+                        .entry((kek, wrapped.kek_version.clone()))
+                        .or_insert(0) += 1;
+                }
                 // By identity: the path a loop device reports is its attacher's.
                 let backing = sys::FileId::of(&disk.volume_path(&id))?;
                 match loops.iter().find(|l| Some(l.backing) == backing) {
@@ -159,6 +175,7 @@ impl Manager {
         m.set_volumes("created", created);
         m.set_volumes("staged", staged);
         m.set_volumes("published", published);
+        m.set_volumes_by_kek(&by_kek);
         for pool in self.pools.all() {
             let (total, free, _) = pool.space()?;
             m.set_pool(&pool.name, total, free);

@@ -267,9 +267,10 @@ impl KeyRelease {
         }
     }
 
-    /// Re-wraps the volume's DEK under the KEK's current version when it is not pinned and has
-    /// moved on (a rotation), with the pod's identity; the header is updated through `save`.
-    /// Returns whether it re-wrapped. Failures are logged and leave the old wrap in place.
+    /// Re-wraps the volume's DEK under the KEK's current enabled version when the KEK is not
+    /// pinned and has moved on (a key rotated, a secret given a new version), with the pod's
+    /// identity; the header is updated through `save` (one atomic header write). Returns
+    /// whether it re-wrapped.
     pub(crate) fn rewrap_if_rotated(
         &self,
         id: &VolumeId,
@@ -283,7 +284,7 @@ impl KeyRelease {
         let Some(wrapped) = &kms.wrapped else {
             return Ok(false);
         };
-        if kms.key_version.is_some() || kms.key_name.is_none() {
+        if kms.key_version.is_some() {
             return Ok(false);
         }
         let scope = self.runtime.block_on(self.vault.scope(&kms))?;
@@ -294,17 +295,27 @@ impl KeyRelease {
             &scope,
         ))?;
         let bearer = Bearer(token.token.secret());
-        let current = self
-            .runtime
-            .block_on(self.vault.current_key_version(&kms, &bearer))?;
-        if current == wrapped.kek_version {
-            return Ok(false);
-        }
-        let mut pinned = kms.clone();
-        pinned.key_version = Some(current);
-        let rewrapped = self
-            .runtime
-            .block_on(self.vault.wrap(&pinned, &bearer, dek, &aad(id)))?;
+        let rewrapped = if kms.secret_name.is_some() {
+            // Sealing with the secret's newest version says which version that is.
+            let sealed = self
+                .runtime
+                .block_on(self.vault.wrap(&kms, &bearer, dek, &aad(id)))?;
+            if sealed.kek_version == wrapped.kek_version {
+                return Ok(false);
+            }
+            sealed
+        } else {
+            let current = self
+                .runtime
+                .block_on(self.vault.current_key_version(&kms, &bearer))?;
+            let Some(current) = current.filter(|c| *c != wrapped.kek_version) else {
+                return Ok(false);
+            };
+            let mut pinned = kms.clone();
+            pinned.key_version = Some(current);
+            self.runtime
+                .block_on(self.vault.wrap(&pinned, &bearer, dek, &aad(id)))?
+        };
         let from = wrapped.kek_version.clone();
         let to = rewrapped.kek_version.clone();
         let mut updated = kms;

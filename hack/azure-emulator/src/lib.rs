@@ -142,6 +142,46 @@ impl Emulator {
         Ok(v.version)
     }
 
+    /// Sets a new version of secret `secret` in vault `vault`, as an operator's setSecret
+    /// would. Returns the new version.
+    pub fn set_secret(&self, vault: &str, secret: &str, value: &str) -> Result<String, String> {
+        let mut state = self.shared.lock();
+        let store = state
+            .store_mut(vault)
+            .ok_or_else(|| format!("no vault {vault}"))?;
+        let v = store
+            .new_secret_version(secret, value, None, state::KeyAttrs::default())
+            .map_err(|e| e.to_string())?;
+        let _ = state.save();
+        Ok(v.version)
+    }
+
+    /// Unwraps `wrapped` with version `version` of key `key`, as unwrapKey would, without a
+    /// token or a record: for tests that must know a volume's DEK to look for copies of it.
+    pub fn unwrap_as_vault(
+        &self,
+        vault: &str,
+        key: &str,
+        version: &str,
+        wrapped: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let mut state = self.shared.lock();
+        let store = state
+            .store_mut(vault)
+            .ok_or_else(|| format!("no vault or Managed HSM {vault}"))?;
+        let k = store
+            .keys
+            .get(key)
+            .and_then(|versions| versions.iter().find(|k| k.version == version))
+            .ok_or_else(|| format!("no version {version} of key {key}"))?;
+        let material = crypto::b64_decode(&k.material).unwrap_or_default();
+        if k.is_rsa() {
+            crypto::rsa_decrypt(&material, "RSA-OAEP-256", wrapped)
+        } else {
+            crypto::aes_kw_unwrap(&material, wrapped)
+        }
+    }
+
     /// Turns purge protection of a vault or Managed HSM on or off. Whether it exists.
     pub fn set_purge_protection(&self, vault: &str, on: bool) -> bool {
         let mut state = self.shared.lock();
