@@ -16,7 +16,8 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CHART = os.path.join(ROOT, "charts", "sealvol")
 EXAMPLES = os.path.join(CHART, "examples")
 RELEASE, NAMESPACE = "sealvol", "kube-system"
-ORDER = ["serviceaccount.yaml", "rbac.yaml", "csidriver.yaml", "storageclass.yaml", "daemonset.yaml"]
+ORDER = ["serviceaccount.yaml", "rbac.yaml", "admissionpolicy.yaml", "csidriver.yaml", "storageclass.yaml",
+         "daemonset.yaml", "networkpolicy.yaml", "monitoring.yaml"]
 
 
 def example_values():
@@ -33,6 +34,9 @@ def render(values):
     """The chart's manifests for `values`, as one multi-document YAML text."""
     chart = helm.Chart.load(CHART)
     rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    unknown = sorted(k for k in rendered if k.removeprefix("sealvol/templates/") not in ORDER)
+    if unknown:
+        raise ValueError(f"templates not in render.ORDER (they would be left out of deploy/): {unknown}")
     docs = []
     for name in ORDER:
         text = rendered.get(f"sealvol/templates/{name}", "")

@@ -1,19 +1,25 @@
 """The Helm chart, linted and rendered with Helm's own engine (helm-python-sdk), for the default
 values and every example values file, and the rendered objects checked: the CSIDriver's fields,
 resources on every container, the DaemonSet mounting what the driver's flags point at, the
-sidecars dialling the driver's socket, and deploy/ up to date with the chart. (That each object
-is a valid Kubernetes object, with no unknown field, is checked in Rust against k8s-openapi:
-tests/manifests.rs.)
+sidecars dialling the driver's socket with flags their pinned releases document, the RBAC rules
+exactly, the admission policy evaluated on sample requests (cel-python), alerts and dashboard
+checked against the metrics the driver registers (src/metrics.rs), and deploy/ up to date with
+the chart. (That each object in deploy/ is a valid Kubernetes object, with no unknown field, is
+checked in Rust against k8s-openapi: tests/manifests.rs.)
 """
 
 import glob
+import json
 import os
 import re
 import sys
+import tempfile
 import unittest
 
+import celpy
 import helm_python as helm
 import yaml
+from celpy import celtypes
 
 sys.path.insert(0, os.path.dirname(__file__))
 import render  # noqa: E402
@@ -48,6 +54,132 @@ def by_kind(objs, kind):
 def arg(args, flag):
     """The values of `--flag=value` arguments."""
     return [a.split("=", 1)[1] for a in args if a.startswith(f"--{flag}=")]
+
+
+def lint_log(values, kube_version):
+    """What Helm writes to the process's stderr while linting (its Go logger bypasses Python)."""
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            helm.lint(render.CHART, values, kube_version=kube_version)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        return out.read().decode(errors="replace")
+
+
+def containers(objs):
+    (ds,) = by_kind(objs, "DaemonSet")
+    return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+
+
+# The sidecars the chart pins, and every flag it passes each of them, with where that release
+# documents the flag. Checked by hand against the sources named here (no image can be pulled
+# here); a new flag or a new tag fails test_sidecar_flags_are_documented until it is added.
+#   node-driver-registrar v2.18.0: CHANGELOG/CHANGELOG-2.18.md (dependencies Kubernetes 1.37);
+#     README "Required arguments": --csi-address, --kubelet-registration-path; it calls no API.
+#   external-provisioner v6.4.0: CHANGELOG/CHANGELOG-6.4.md (k8s.io/kubernetes v1.36.3, needs
+#     1.24+ for CSIStorageCapacity v1); flags in cmd/csi-provisioner/csi-provisioner.go and the
+#     README ("Storage capacity arguments", "Distributed provisioning"). Topology has been on by
+#     default since v5.0.0 (CHANGELOG-5.0.md), so the chart no longer passes its feature gate.
+#   external-resizer v2.3.0: CHANGELOG/CHANGELOG-2.3.md (Kubernetes 1.37 dependencies); flags in
+#     cmd/csi-resizer/main.go and the README (--leader-election, --leader-election-namespace,
+#     --handle-volume-inuse-error: "false ... to save costs associated with watching all pods").
+#   livenessprobe v2.20.0: CHANGELOG/CHANGELOG-2.20.md (Kubernetes 1.37 dependencies); flags in
+#     cmd/livenessprobe/main.go (--csi-address, --http-endpoint).
+# None of them has a maximum Kubernetes version, so all run on 1.35 and 1.36.
+SIDECARS = {
+    "node-driver-registrar": ("registry.k8s.io/sig-storage/csi-node-driver-registrar", "v2.18.0",
+                              {"--csi-address", "--kubelet-registration-path"}),
+    "csi-provisioner": ("registry.k8s.io/sig-storage/csi-provisioner", "v6.4.0",
+                        {"--csi-address", "--node-deployment", "--enable-capacity", "--capacity-ownerref-level",
+                         "--strict-topology", "--extra-create-metadata"}),
+    "csi-resizer": ("registry.k8s.io/sig-storage/csi-resizer", "v2.3.0",
+                    {"--csi-address", "--leader-election", "--leader-election-namespace", "--handle-volume-inuse-error"}),
+    "liveness-probe": ("registry.k8s.io/sig-storage/livenessprobe", "v2.20.0", {"--csi-address", "--http-endpoint"}),
+}
+
+METRICS_RS = os.path.join(render.ROOT, "src", "metrics.rs")
+MONITORING = os.path.join(render.CHART, "monitoring")
+
+
+def registered_families(source):
+    """The metrics the driver exports, from src/metrics.rs: for each `registry.register("name",
+    ..., m.field.clone())`, the family name (with the registry's prefix) and the sample names a
+    scrape shows, by the field's type: prometheus-client adds `_total` to a Counter and
+    `_bucket`, `_sum`, `_count` to a Histogram (queried by its bare name too); a Gauge is as it
+    is."""
+    (prefix,) = re.findall(r'Registry::with_prefix\("([a-z_]+)"\)', source)
+    kinds = dict(re.findall(r"pub\(crate\) (\w+): Family<[^>]*?\b(Counter|Gauge|Histogram)\b", source))
+    families = {}
+    for name, field in re.findall(r'registry\.register\(\s*"([a-z_]+)",\s*"[^"]*",\s*m\.(\w+)\.clone\(\)', source):
+        base = f"{prefix}_{name}"
+        families[base] = {"Counter": {f"{base}_total"},
+                          "Histogram": {base, f"{base}_bucket", f"{base}_sum", f"{base}_count"},
+                          "Gauge": {base}}[kinds[field]]
+    return families
+
+
+def registered_metrics(source):
+    return set().union(*registered_families(source).values())
+
+
+def metric_names(text):
+    return set(re.findall(r"\bsealvol_[a-z0-9_]+\b", text))
+
+
+def rule_exprs(objs):
+    (rule,) = by_kind(objs, "PrometheusRule")
+    return {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def dashboard_exprs(objs):
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    dash = json.loads(cm["data"]["sealvol.json"])
+    return {t["expr"] for p in dash["panels"] for t in p["targets"]}
+
+
+class Admission:
+    """A ValidatingAdmissionPolicy evaluated as the apiserver does for one request, with cel-python:
+    match conditions, then the variables in order, then each validation."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.env = celpy.Environment()
+
+    def _eval(self, expression, activation):
+        return self.env.program(self.env.compile(expression)).evaluate(activation)
+
+    def admit(self, request):
+        """(allowed, message)."""
+        act = {"request": celpy.json_to_cel(request), "object": celpy.json_to_cel(request.get("object")),
+               "oldObject": celpy.json_to_cel(request.get("oldObject"))}
+        for condition in self.spec["matchConditions"]:
+            if not self._eval(condition["expression"], act):
+                return True, "not matched"
+        act["variables"] = variables = celtypes.MapType({})
+        for v in self.spec["variables"]:
+            variables[celtypes.StringType(v["name"])] = self._eval(v["expression"], act)
+        for v in self.spec["validations"]:
+            if not self._eval(v["expression"], act):
+                return False, str(v.get("message") or self._eval(v["messageExpression"], act))
+        return True, "allowed"
+
+
+def sealvol_pv(node, driver="sealvol.csi.io", capacity="1Gi", claim="data"):
+    """A PV as external-provisioner writes it for a volume on `node` (strict topology)."""
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pvc-1", "finalizers": []},
+          "spec": {"capacity": {"storage": capacity}, "claimRef": {"namespace": "app", "name": claim},
+                   "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                       {"key": "topology.sealvol.io/node", "operator": "In", "values": [node]}]}]}}}}
+    if driver:
+        pv["spec"]["csi"] = {"driver": driver, "volumeHandle": "sv-0123456789abcdef0123456789abcdef"}
+    else:
+        pv["spec"]["hostPath"] = {"path": "/"}
+    return pv
 
 
 class Chart(unittest.TestCase):
@@ -144,20 +276,144 @@ class Chart(unittest.TestCase):
             registrar = next(c for c in pod["containers"] if c["name"] == "node-driver-registrar")
             self.assertEqual(arg(registrar["args"], "kubelet-registration-path"), [f"{kubelet}/plugins/{driver_name}/csi.sock"])
             provisioner = next(c for c in pod["containers"] if c["name"] == "csi-provisioner")
-            for flag in ["--node-deployment", "--enable-capacity", "--strict-topology", "--extra-create-metadata", "--feature-gates=Topology=true"]:
+            for flag in ["--node-deployment", "--enable-capacity", "--strict-topology", "--extra-create-metadata"]:
                 self.assertIn(flag, provisioner["args"])
+            # On by default since v5.0.0; a removed gate would stop the container at start.
+            self.assertEqual(arg(provisioner["args"], "feature-gates"), [], name)
 
-    def test_rbac_is_minimal(self):
+    def test_sidecar_flags_are_documented(self):
         for name, values in render.example_values():
-            (role,) = by_kind(objects(values), "ClusterRole")
-            sa_rules = [r for r in role["rules"] if "serviceaccounts" in r["resources"]]
+            for cname, c in containers(objects(values)).items():
+                if cname == "sealvol":
+                    continue
+                image, tag, documented = SIDECARS[cname]
+                self.assertEqual(c["image"], f"{image}:{tag}", f"{name}/{cname}: update SIDECARS after checking its flags")
+                passed = {a.split("=", 1)[0] for a in c["args"]}
+                self.assertLessEqual(passed, documented, f"{name}/{cname}: a flag not checked against {tag}")
+        # The resizer's trivial resizer never reports a volume in use: no cluster-wide pod watch.
+        resizer = containers(objects({}))["csi-resizer"]
+        self.assertEqual(arg(resizer["args"], "handle-volume-inuse-error"), ["false"])
+
+    def test_rbac_is_exactly_what_the_containers_call(self):
+        # Who needs each rule is in templates/rbac.yaml; a rule added there fails here until
+        # it is listed with its reason.
+        cluster = [
+            ([""], ["persistentvolumes"], ["get", "list", "watch", "create", "delete", "patch"]),
+            ([""], ["persistentvolumeclaims"], ["get", "list", "watch", "update"]),
+            ([""], ["persistentvolumeclaims/status"], ["patch"]),
+            (["storage.k8s.io"], ["storageclasses"], ["get", "list", "watch"]),
+            ([""], ["nodes"], ["get", "list", "watch"]),
+            (["storage.k8s.io"], ["csinodes"], ["get", "list", "watch"]),
+            ([""], ["events"], ["create", "patch"]),
+        ]
+        for name, values in render.example_values():
+            objs = objects(values)
+            (role,) = by_kind(objs, "ClusterRole")
+            expected = [{"apiGroups": g, "resources": r, "verbs": v} for g, r, v in cluster]
             if values.get("serviceAccountLookup", True):
-                self.assertEqual(sa_rules, [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]}])
-            else:
-                self.assertEqual(sa_rules, [], f"{name}: no access to ServiceAccounts without the lookup")
-            for r in role["rules"]:
+                expected.append({"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]})
+            self.assertEqual(role["rules"], expected, name)
+            for r in role["rules"] + by_kind(objs, "Role")[0]["rules"]:
                 self.assertNotIn("*", r["verbs"])
                 self.assertNotIn("secrets", r["resources"], "the driver reads no Kubernetes secret")
+                if "pods" in r["resources"]:
+                    self.assertEqual(r["verbs"], ["get"], "nothing lists or watches pods")
+
+    def test_namespaced_rules_stay_in_the_release_namespace(self):
+        for name, values in render.example_values():
+            objs = objects(values)
+            (role,) = by_kind(objs, "Role")
+            (binding,) = by_kind(objs, "RoleBinding")
+            (ds,) = by_kind(objs, "DaemonSet")
+            self.assertEqual(role["metadata"]["namespace"], render.NAMESPACE)
+            self.assertEqual(binding["roleRef"]["name"], role["metadata"]["name"])
+            self.assertEqual(binding["subjects"], [{"kind": "ServiceAccount", "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
+                                                    "namespace": render.NAMESPACE}])
+            expected = [
+                {"apiGroups": ["storage.k8s.io"], "resources": ["csistoragecapacities"],
+                 "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+                {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [ds["metadata"]["name"]], "verbs": ["get"]},
+            ]
+            if values.get("expansion", {}).get("enabled", True):
+                expected += [
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                     "resourceNames": ["external-resizer-sealvol-csi-io"], "verbs": ["get", "update"]},
+                ]
+            self.assertEqual(role["rules"], expected, name)
+        # The lease name follows the driver name as csi-lib-utils sanitizes it.
+        (role,) = by_kind(objects({"driverName": "local.sealvol.example"}), "Role")
+        self.assertIn(["external-resizer-local-sealvol-example"], [r.get("resourceNames") for r in role["rules"]])
+
+    def test_eviction_is_granted_only_when_asked(self):
+        eviction = {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]}
+        for name, values in render.example_values():
+            (role,) = by_kind(objects(values), "ClusterRole")
+            self.assertNotIn(eviction, role["rules"], f"{name}: off by default")
+            self.assertFalse(any("pods/eviction" in r["resources"] for r in role["rules"]), name)
+        (role,) = by_kind(objects({"evictRevokedPods": True}), "ClusterRole")
+        self.assertIn(eviction, role["rules"])
+        # The driver evicts through the API client it only has with the ServiceAccount lookup.
+        with self.assertRaisesRegex(helm.HelmRenderError, "serviceAccountLookup"):
+            objects({"evictRevokedPods": True, "serviceAccountLookup": False})
+        chart = helm.Chart.load(render.CHART)
+        with self.assertRaises(helm.HelmValuesError):
+            chart.validate_schema(chart.merge_values({"evictRevokedPods": "yes"}))
+
+    def test_admission_policy_is_off_by_default(self):
+        for name, values in render.example_values():
+            objs = objects(values)
+            self.assertEqual(by_kind(objs, "ValidatingAdmissionPolicy") + by_kind(objs, "ValidatingAdmissionPolicyBinding"), [], name)
+
+    def test_admission_policy_pins_each_node_to_its_own_volumes(self):
+        objs = objects({"admissionPolicy": {"enabled": True}})
+        (policy,) = by_kind(objs, "ValidatingAdmissionPolicy")
+        (binding,) = by_kind(objs, "ValidatingAdmissionPolicyBinding")
+        self.assertEqual(binding["spec"]["policyName"], policy["metadata"]["name"])
+        self.assertEqual(binding["spec"]["validationActions"], ["Deny"])
+        self.assertEqual(policy["spec"]["failurePolicy"], "Fail")
+        (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+        self.assertEqual(rule["resources"], ["persistentvolumes"])
+        self.assertEqual(set(rule["operations"]), {"CREATE", "UPDATE", "DELETE"})
+        policy = Admission(policy["spec"])
+        node = {"username": f"system:serviceaccount:{render.NAMESPACE}:sealvol",
+                "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}
+
+        def req(op, user=node, new=None, old=None):
+            return {"operation": op, "userInfo": user, "object": new, "oldObject": old}
+
+        allowed = [
+            req("CREATE", new=sealvol_pv("node-a")),
+            req("DELETE", old=sealvol_pv("node-a")),
+            # The resizer holds the lease on one node and grows any node's PV; the provisioner
+            # patches finalizers.
+            req("UPDATE", new=sealvol_pv("node-b", capacity="2Gi"), old=sealvol_pv("node-b")),
+            # Anyone else is not this policy's business.
+            req("CREATE", user={"username": "system:serviceaccount:kube-system:other", "extra": {}}, new=sealvol_pv("x", driver=None)),
+        ]
+        refused = [
+            (req("CREATE", new=sealvol_pv("node-b")), "pinned to that node"),
+            (req("DELETE", old=sealvol_pv("node-b")), "pinned to that node"),
+            (req("CREATE", new=sealvol_pv("node-a", driver=None)), "of driver sealvol.csi.io"),
+            (req("CREATE", new=sealvol_pv("node-a", driver="disk.csi.azure.com")), "of driver sealvol.csi.io"),
+            (req("UPDATE", new=sealvol_pv("node-a"), old=sealvol_pv("node-b")), "not its source, node affinity or claim"),
+            (req("UPDATE", new=sealvol_pv("node-b", claim="other"), old=sealvol_pv("node-b")), "not its source, node affinity or claim"),
+            (req("CREATE", user={"username": node["username"], "extra": {}}, new=sealvol_pv("node-a")), "no node name"),
+        ]
+        for request in allowed:
+            self.assertEqual(policy.admit(request)[0], True, request)
+        for request, why in refused:
+            ok, message = policy.admit(request)
+            self.assertFalse(ok, request)
+            self.assertIn(why, message)
+
+    def test_admission_policy_needs_kubernetes_1_30(self):
+        # Rendering offline always sees a recent cluster, so the version check is seen through
+        # lint, which takes a version; in lint mode Helm only logs a template's `fail`.
+        values = {"admissionPolicy": {"enabled": True}}
+        self.assertIn("admissionPolicy needs Kubernetes 1.30+", lint_log(values, "v1.29.0"))
+        self.assertNotIn("admissionPolicy needs", lint_log(values, "v1.30.0"))
 
     def test_examples_name_no_real_looking_ids(self):
         # A tenant or client id copied from an example must fail as a placeholder, not reach a
@@ -175,29 +431,22 @@ class Chart(unittest.TestCase):
                                       f"{os.path.relpath(path, render.ROOT)}:{n}: {found} looks like a real id; "
                                       f"use {PLACEHOLDER_ID}")
 
-    def test_resizer_elects_a_leader_with_a_lease_role(self):
+    def test_resizer_elects_a_leader(self):
         for name, values in render.example_values():
             objs = objects(values)
-            (ds,) = by_kind(objs, "DaemonSet")
-            containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
-            roles, bindings = by_kind(objs, "Role"), by_kind(objs, "RoleBinding")
+            cs = containers(objs)
+            (role,) = by_kind(objs, "Role")
+            leases = [r for r in role["rules"] if "leases" in r["resources"]]
             if not values.get("expansion", {}).get("enabled", True):
-                self.assertNotIn("csi-resizer", containers, name)
-                self.assertEqual((roles, bindings), ([], []), name)
+                self.assertNotIn("csi-resizer", cs, name)
+                self.assertEqual(leases, [], name)
                 continue
-            resizer = containers["csi-resizer"]
+            resizer = cs["csi-resizer"]
             self.assertIn("--leader-election", resizer["args"])
             self.assertEqual(arg(resizer["args"], "leader-election-namespace"), ["$(NAMESPACE)"])
             env = {e["name"]: e for e in resizer["env"]}
             self.assertEqual(env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace")
-            (role,) = roles
-            self.assertEqual(role["metadata"]["namespace"], render.NAMESPACE)
-            self.assertEqual(role["rules"], [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                                              "verbs": ["get", "watch", "list", "create", "update", "patch", "delete"]}])
-            (binding,) = bindings
-            self.assertEqual(binding["roleRef"]["name"], role["metadata"]["name"])
-            self.assertEqual(binding["subjects"], [{"kind": "ServiceAccount", "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
-                                                    "namespace": render.NAMESPACE}])
+            self.assertTrue(leases, name)
 
     def test_extra_args_and_env_per_container(self):
         names = {"sealvol": "sealvol", "registrar": "node-driver-registrar", "provisioner": "csi-provisioner",
@@ -266,6 +515,119 @@ class Chart(unittest.TestCase):
             text = fh.read()
         for phrase in ["Bidirectional", "shared", "HostToContainer", "slave"]:
             self.assertIn(phrase, text)
+
+    def test_metrics_listen_on_the_pods_loopback_by_default(self):
+        for name, values in render.example_values():
+            (ds,) = by_kind(objects(values), "DaemonSet")
+            pod = ds["spec"]["template"]["spec"]
+            # 127.0.0.1 is the pod's own loopback only because the pod has its own network.
+            self.assertIs(pod["hostNetwork"], False)
+            driver = next(c for c in pod["containers"] if c["name"] == "sealvol")
+            if values.get("metrics", {}).get("enabled", True):
+                self.assertEqual(arg(driver["args"], "metrics-address"), ["127.0.0.1:9808"], name)
+            else:
+                self.assertEqual(arg(driver["args"], "metrics-address"), [], name)
+            self.assertNotIn("metrics", [p["name"] for p in driver["ports"]], name)
+            self.assertNotIn("annotations", ds["spec"]["template"]["metadata"], name)
+            self.assertEqual(by_kind(objects(values), "NetworkPolicy"), [], name)
+
+    def test_metrics_exposed_on_the_pod_ip_when_asked(self):
+        objs = objects({"metrics": {"expose": True, "port": 9100}})
+        (ds,) = by_kind(objs, "DaemonSet")
+        driver = containers(objs)["sealvol"]
+        self.assertEqual(arg(driver["args"], "metrics-address"), ["0.0.0.0:9100"])
+        self.assertIn({"name": "metrics", "containerPort": 9100, "protocol": "TCP"}, driver["ports"])
+        self.assertEqual(ds["spec"]["template"]["metadata"]["annotations"],
+                         {"prometheus.io/scrape": "true", "prometheus.io/port": "9100", "prometheus.io/path": "/metrics"})
+        self.assertEqual(by_kind(objs, "NetworkPolicy"), [])
+        objs = objects({"metrics": {"expose": True, "networkPolicy": {"enabled": True}}})
+        (policy,) = by_kind(objs, "NetworkPolicy")
+        (ds,) = by_kind(objs, "DaemonSet")
+        self.assertEqual(policy["spec"]["podSelector"]["matchLabels"], ds["spec"]["selector"]["matchLabels"])
+        self.assertEqual(policy["spec"]["policyTypes"], ["Ingress"])
+        (ingress,) = policy["spec"]["ingress"]
+        self.assertEqual(ingress["ports"], [{"protocol": "TCP", "port": 9808}])
+        selectors = [p["podSelector"]["matchExpressions"][0] for p in ingress["from"]]
+        self.assertEqual({(s["key"], s["values"][0]) for s in selectors}, {("rsName", "ama-metrics"), ("dsName", "ama-metrics-node")})
+        # A policy for loopback metrics would only cut kubelet's view of nothing: not rendered.
+        self.assertEqual(by_kind(objects({"metrics": {"networkPolicy": {"enabled": True}}}), "NetworkPolicy"), [])
+        chart = helm.Chart.load(render.CHART)
+        for bad in [{"metrics": {"port": 9809}}, {"metrics": {"expose": "yes"}}, {"metrics": {"networkPolicy": {"from": []}}}]:
+            with self.assertRaises(helm.HelmValuesError, msg=str(bad)):
+                chart.validate_schema(chart.merge_values(bad))
+
+    def test_registered_metrics_are_read_from_the_driver(self):
+        with open(METRICS_RS) as fh:
+            source = fh.read()
+        names = registered_metrics(source)
+        for expected in ["sealvol_csi_operations_total", "sealvol_csi_operation_duration_seconds_bucket",
+                         "sealvol_azure_requests_total", "sealvol_key_events_total", "sealvol_volumes",
+                         "sealvol_pool_free_bytes", "sealvol_pool_capacity_bytes"]:
+            self.assertIn(expected, names)
+        self.assertNotIn("sealvol_volumes_total", names, "a gauge has no _total")
+        self.assertEqual(len(registered_families(source)), len(re.findall(r"registry\.register\(", source)),
+                         "every registered metric was understood")
+        # A renamed metric is caught: the check below would fail on this source.
+        renamed = registered_metrics(source.replace('register("key_events"', 'register("key_event_count"'))
+        self.assertNotIn("sealvol_key_events_total", renamed)
+        self.assertIn("sealvol_key_event_count_total", renamed)
+
+    def test_monitoring_is_off_by_default(self):
+        for name, values in render.example_values():
+            objs = objects(values)
+            self.assertEqual(by_kind(objs, "PrometheusRule") + by_kind(objs, "ConfigMap"), [], name)
+
+    def test_alerts_and_dashboard_use_only_metrics_the_driver_exports(self):
+        with open(METRICS_RS) as fh:
+            known = registered_metrics(fh.read())
+        objs = objects({"monitoring": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+                                       "dashboard": {"enabled": True}}})
+        rules = rule_exprs(objs)
+        panels = dashboard_exprs(objs)
+        for what, exprs in [("alert", rules), ("dashboard", {e: e for e in panels})]:
+            for key, expr in exprs.items():
+                used = metric_names(expr)
+                self.assertLessEqual(used, known, f"{what} {key}: {sorted(used - known)} not registered in src/metrics.rs")
+                self.assertTrue(used or expr.startswith("up{"), f"{what} {key} uses no sealvol metric")
+        self.assertEqual(set(rules), {"SealvolKeyReleaseDenied", "SealvolVolumeLocked", "SealvolAzureUnavailable", "SealvolAzureSlow",
+                                      "SealvolPoolNearlyFull", "SealvolInternalError", "SealvolDriverDown", "SealvolMetricsAbsent"})
+        self.assertEqual(rules["SealvolDriverDown"], 'up{job="sealvol"} == 0')
+        self.assertEqual(rules["SealvolMetricsAbsent"], "absent(sealvol_volumes)")
+        (rule,) = by_kind(objs, "PrometheusRule")
+        self.assertEqual(rule["apiVersion"], "monitoring.coreos.com/v1")
+        self.assertEqual(rule["metadata"]["labels"]["release"], "prom")
+        for r in (r for g in rule["spec"]["groups"] for r in g["rules"]):
+            self.assertIn(r["labels"]["severity"], {"warning", "critical"}, r["alert"])
+            self.assertTrue(r["annotations"]["summary"] and r["annotations"]["description"], r["alert"])
+        (cm,) = by_kind(objs, "ConfigMap")
+        self.assertEqual(cm["metadata"]["labels"]["grafana_dashboard"], "1")
+        self.assertEqual(cm["metadata"]["namespace"], render.NAMESPACE)
+        # And the dashboard shows every family the driver registers.
+        used = set().union(*(metric_names(e) for e in panels))
+        with open(METRICS_RS) as fh:
+            for family, samples in registered_families(fh.read()).items():
+                self.assertTrue(samples & used, f"the dashboard shows nothing of {family}")
+        objs = objects({"monitoring": {"prometheusRule": {"enabled": True, "upSelector": 'namespace="kube-system", pod=~"sealvol-.*"'}}})
+        self.assertEqual(rule_exprs(objs)["SealvolDriverDown"], 'up{namespace="kube-system", pod=~"sealvol-.*"} == 0')
+
+    def test_docs_name_only_metrics_the_driver_exports(self):
+        with open(METRICS_RS) as fh:
+            known = registered_metrics(fh.read())
+        for path in ["README.md", "docs/operations.md", "docs/design.md"]:
+            with open(os.path.join(render.ROOT, path)) as fh:
+                unknown = metric_names(fh.read()) - known
+            self.assertEqual(unknown, set(), f"{path} names metrics src/metrics.rs does not register")
+
+    def test_render_refuses_to_leave_out_a_template(self):
+        # deploy/ is rendered template by template in render.ORDER: a template missing there
+        # would silently vanish from deploy/.
+        saved = render.ORDER
+        render.ORDER = [t for t in saved if t != "monitoring.yaml"]
+        try:
+            with self.assertRaisesRegex(ValueError, "monitoring.yaml"):
+                render.render({})
+        finally:
+            render.ORDER = saved
 
     def test_deploy_is_up_to_date_with_the_chart(self):
         for path, text in render.outputs().items():

@@ -26,3 +26,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $v := .Values.csiDriver.serviceAccountTokenInSecrets | toString -}}
 {{- if eq $v "auto" -}}{{ semverCompare ">=1.35.0-0" .Capabilities.KubeVersion.Version }}{{- else -}}{{ $v }}{{- end -}}
 {{- end -}}
+
+{{/* csi-resizer's leader-election lease: "external-resizer-" and the driver name with every
+character but [a-zA-Z0-9-] replaced by '-' (csi-lib-utils' SanitizeName; the schema keeps the
+name from ending in one). */}}
+{{- define "sealvol.resizerLease" -}}
+external-resizer-{{ regexReplaceAll "[^a-zA-Z0-9-]" .Values.driverName "-" }}
+{{- end -}}
+
+{{/* The driver's --metrics-address: the pod's loopback unless exposed on the pod IP. */}}
+{{- define "sealvol.metricsAddress" -}}
+{{ if .Values.metrics.expose }}0.0.0.0{{ else }}127.0.0.1{{ end }}:{{ .Values.metrics.port }}
+{{- end -}}
