@@ -19,7 +19,7 @@ fn bad_ids() -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_volume_ids_are_invalid_arguments() {
+async fn malformed_volume_ids_are_refused_and_never_reach_a_path() {
     let (node, mut c) = start().await;
     for id in bad_ids() {
         let mut stage = node.stage("sv-00000000000000000000000000000000");
@@ -43,7 +43,41 @@ async fn malformed_volume_ids_are_invalid_arguments() {
             code(c.node.node_unpublish_volume(unpublish).await),
             Code::InvalidArgument
         );
-        assert_eq!(code(delete(&mut c, &id).await), Code::InvalidArgument);
+        // Calls about a volume that must exist: an id sealvol never issued names none, so
+        // NOT_FOUND, and a delete of it is done (the CSI spec, and csi-sanity); an empty id is
+        // still a malformed request.
+        let (absent, deleted) = if id.is_empty() {
+            (Code::InvalidArgument, Code::InvalidArgument)
+        } else {
+            (Code::NotFound, Code::Ok)
+        };
+        assert_eq!(code(delete(&mut c, &id).await), deleted, "{id:?}");
+        let validate = csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.clone(),
+            volume_capabilities: vec![requests::mount_capability(
+                csi::volume_capability::access_mode::Mode::SingleNodeWriter,
+            )],
+            ..Default::default()
+        };
+        let s = refused(c.controller.validate_volume_capabilities(validate).await);
+        assert_eq!(s.code(), absent, "{id:?}");
+        assert!(s.message().contains("volume_id"), "{}", s.message());
+        assert!(
+            s.message().len() < 400,
+            "the message echoes the oversized id"
+        );
+        let stats = csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: node.staging_path("sv-00000000000000000000000000000000"),
+            staging_target_path: String::new(),
+        };
+        assert_eq!(code(c.node.node_get_volume_stats(stats).await), absent);
+        let expand = csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: node.staging_path("sv-00000000000000000000000000000000"),
+            ..Default::default()
+        };
+        assert_eq!(code(c.node.node_expand_volume(expand).await), absent);
     }
     assert_clean(&node);
 }
@@ -126,6 +160,18 @@ async fn paths_outside_the_kubelet_dir_are_refused() {
         let s = refused(c.node.node_publish_volume(publish).await);
         assert_eq!(s.code(), Code::InvalidArgument, "{path}");
         assert!(s.message().starts_with("target_path"), "{}", s.message());
+    }
+    // Stats of a path that cannot be this node's: no volume is there (NOT_FOUND), and it is
+    // never followed.
+    for path in &bad {
+        let stats = csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: path.clone(),
+            staging_target_path: String::new(),
+        };
+        let s = refused(c.node.node_get_volume_stats(stats).await);
+        assert_eq!(s.code(), Code::NotFound, "{path}: {}", s.message());
+        assert!(s.message().starts_with("volume_path"), "{}", s.message());
     }
     assert_eq!(
         std::fs::read_dir(&outside).unwrap().count(),

@@ -290,3 +290,132 @@ async fn metrics_health_and_events_after_a_lifecycle_and_a_revocation() {
     }
     assert_clean(&node);
 }
+
+/// A fake Kubernetes API that records the evictions posted to it (namespace, pod, bearer
+/// token, body) and accepts events.
+async fn eviction_sink() -> (
+    String,
+    Arc<Mutex<Vec<(String, String, String, serde_json::Value)>>>,
+) {
+    use axum::extract::Path as AxPath;
+    use axum::http::{HeaderMap, StatusCode};
+    let evictions = Arc::new(Mutex::new(Vec::new()));
+    let sink = evictions.clone();
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/eviction",
+            axum::routing::post(
+                move |AxPath((ns, name)): AxPath<(String, String)>,
+                      headers: HeaderMap,
+                      body: String| {
+                    let sink = sink.clone();
+                    async move {
+                        let bearer = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        sink.lock().unwrap().push((
+                            ns,
+                            name,
+                            bearer,
+                            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+                        ));
+                        StatusCode::CREATED
+                    }
+                },
+            ),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/events",
+            axum::routing::post(|| async { StatusCode::CREATED }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, evictions)
+}
+
+/// `onRevoke: evict`: after the lock, the revoked pod is evicted through the Eviction API
+/// (once per lock, not per kubelet retry); a volume with the default `lock` evicts nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_revoke_evict_evicts_the_revoked_pod_once() {
+    let azure = Azure::start().await;
+    let (api, evictions) = eviction_sink().await;
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "driver-sa-token").unwrap();
+    let flags = [
+        "--reauthorize-interval=0".to_string(),
+        "--revoke-grace=0".to_string(),
+        format!("--kube-api-url={api}"),
+        format!("--kube-token-file={}", token.path().display()),
+    ];
+    let (node, mut c) = node_with(
+        &azure,
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for (name, on_revoke) in [("pvc-evict", "evict"), ("pvc-lock", "lock")] {
+        let mut params = azure.params("keyvault-key");
+        params.push(("onRevoke".into(), on_revoke.into()));
+        let refs: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let id = create_with(&mut c, name, 32 * MIB, &refs).await;
+        c.node.node_stage_volume(node.stage(&id)).await.unwrap();
+        let mut req = publish_as(&node, &id, "pod", &azure.token("app"), "app");
+        req.volume_context.insert(
+            "csi.storage.k8s.io/pod.name".into(),
+            format!("pod-{on_revoke}"),
+        );
+        c.node.node_publish_volume(req).await.unwrap();
+        ids.push((id, on_revoke));
+    }
+    assert!(azure.emu.revoke_role(&RoleAssignment {
+        principal: APP_OID.into(),
+        role: "Key Vault Crypto Service Encryption User".into(),
+        scope: "/vaults/kv/keys/kek".into(),
+    }));
+    for _ in 0..3 {
+        for (id, on_revoke) in &ids {
+            let mut req = publish_as(&node, id, "pod", &azure.token("app"), "app");
+            req.volume_context.insert(
+                "csi.storage.k8s.io/pod.name".into(),
+                format!("pod-{on_revoke}"),
+            );
+            assert_eq!(
+                code(c.node.node_publish_volume(req).await),
+                Code::PermissionDenied
+            );
+        }
+    }
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = evictions.lock().unwrap().clone();
+        if !seen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Give a wrong second eviction the time to arrive.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let seen_now = evictions.lock().unwrap().clone();
+    assert_eq!(seen_now.len(), 1, "{seen_now:?}");
+    let (ns, name, bearer, body) = &seen[0];
+    assert_eq!((ns.as_str(), name.as_str()), ("default", "pod-evict"));
+    assert_eq!(bearer, "Bearer driver-sa-token");
+    assert_eq!(body["kind"], "Eviction");
+    assert_eq!(body["metadata"]["name"], "pod-evict");
+    assert!(node.log().contains("revoked pod evicted"), "{}", node.log());
+    for (id, _) in &ids {
+        c.node
+            .node_unpublish_volume(node.unpublish(id, "pod"))
+            .await
+            .unwrap();
+        c.node.node_unstage_volume(node.unstage(id)).await.unwrap();
+        delete(&mut c, id).await.unwrap();
+    }
+    assert_clean(&node);
+}

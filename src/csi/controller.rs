@@ -71,8 +71,12 @@ impl csi::controller_server::Controller for ControllerService {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
         run_blocking("DeleteVolume", log_id(&req.volume_id), move || {
-            let id = parse::volume_id(&req.volume_id)?;
-            manager.delete_volume(&id)?;
+            // An id sealvol never issued names nothing to delete: done, as the spec wants.
+            match parse::existing_volume_id(&req.volume_id) {
+                Ok(id) => manager.delete_volume(&id)?,
+                Err(VolumeError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
             Ok(csi::DeleteVolumeResponse {})
         })
         .await
@@ -89,7 +93,7 @@ impl csi::controller_server::Controller for ControllerService {
             "ValidateVolumeCapabilities",
             log_id(&req.volume_id),
             move || {
-                let id = parse::volume_id(&req.volume_id)?;
+                let id = parse::existing_volume_id(&req.volume_id)?;
                 if req.volume_capabilities.is_empty() {
                     return Err(VolumeError::InvalidArgument {
                         field: "volume_capabilities",

@@ -116,13 +116,14 @@ impl csi::node_server::Node for NodeService {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
         run_blocking("NodeGetVolumeStats", log_id(&req.volume_id), move || {
-            let id = parse::volume_id(&req.volume_id)?;
+            // A request missing a field is malformed whatever its id names.
             if req.volume_path.is_empty() {
                 return Err(VolumeError::InvalidArgument {
                     field: "volume_path",
                     message: "is required".into(),
                 });
             }
+            let id = parse::existing_volume_id(&req.volume_id)?;
             let stats = manager.stats(&id, &req.volume_path)?;
             let usage = stats
                 .usage
@@ -164,13 +165,14 @@ impl csi::node_server::Node for NodeService {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
         run_blocking("NodeExpandVolume", log_id(&req.volume_id), move || {
-            let id = parse::volume_id(&req.volume_id)?;
+            // A request missing a field is malformed whatever its id names.
             if req.volume_path.is_empty() {
                 return Err(VolumeError::InvalidArgument {
                     field: "volume_path",
                     message: "is required".into(),
                 });
             }
+            let id = parse::existing_volume_id(&req.volume_id)?;
             if req.volume_capability.is_some() {
                 parse::capability(req.volume_capability.as_ref(), "volume_capability")?;
             }

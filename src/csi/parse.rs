@@ -29,6 +29,20 @@ pub(super) fn volume_id(raw: &str) -> Result<VolumeId, VolumeError> {
     VolumeId::parse(raw).map_err(|m| invalid("volume_id", m))
 }
 
+/// The id of a volume a call expects to exist. An id sealvol could never have issued names no
+/// volume of this node: NOT_FOUND (the CSI spec's answer for an unknown volume), and, like any
+/// malformed id, it never reaches a path.
+pub(super) fn existing_volume_id(raw: &str) -> Result<VolumeId, VolumeError> {
+    if raw.is_empty() {
+        return Err(invalid("volume_id", "is required"));
+    }
+    VolumeId::parse(raw).map_err(|m| {
+        VolumeError::NotFound(format!(
+            "volume_id: {m}, so no such volume exists on this node"
+        ))
+    })
+}
+
 pub(super) fn capacity_range(range: Option<&csi::CapacityRange>) -> CapacityRange {
     range
         .map(|r| CapacityRange {

@@ -120,7 +120,12 @@ impl Manager {
             };
             // Headers are read without the guard first (a header write is atomic), so the
             // sweep never holds up a call on another volume.
-            if !self.load(&id).ok().flatten().is_some_and(|vol| expired(&vol)) {
+            if !self
+                .load(&id)
+                .ok()
+                .flatten()
+                .is_some_and(|vol| expired(&vol))
+            {
                 continue;
             }
             // A volume busy with a call is looked at on the next round.

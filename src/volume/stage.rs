@@ -145,7 +145,17 @@ impl Manager {
     /// Usage of the volume mounted at `path` (its staging or a target path), and whether it is
     /// healthy: abnormal when the loop device or the mount is gone.
     pub(crate) fn stats(&self, id: &VolumeId, path: &str) -> Result<VolumeStats, VolumeError> {
-        let path = check_under(path, &self.settings.kubelet_dir, "volume_path")?;
+        // A path that cannot be one of this node's (relative, outside kubelet's directory) holds
+        // no volume: NOT_FOUND, as the spec wants; it is never followed.
+        let path =
+            check_under(path, &self.settings.kubelet_dir, "volume_path").map_err(|e| match e {
+                VolumeError::InvalidArgument { message, .. } if !path.is_empty() => {
+                    VolumeError::NotFound(format!(
+                        "volume_path {message}: no volume of this node is there"
+                    ))
+                }
+                e => e,
+            })?;
         let vol = self.load(id)?.ok_or_else(|| not_found(id))?;
         if !path.exists() {
             return Err(VolumeError::NotFound(format!(
