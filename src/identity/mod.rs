@@ -247,6 +247,25 @@ fn aadsts_summary(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// docs/operations.md's table of Entra refusals lists exactly the codes that lock.
+    #[test]
+    fn the_operators_aadsts_table_is_the_classification() {
+        let doc = include_str!("../../docs/operations.md");
+        let table = doc
+            .split("## Entra ID refusals")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("docs/operations.md has its AADSTS section");
+        let mut documented: Vec<u32> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix('|')?.split('|').next()?.trim().parse().ok())
+            .collect();
+        documented.sort_unstable();
+        let mut classified = DEFINITIVE_AADSTS.to_vec();
+        classified.sort_unstable();
+        assert_eq!(documented, classified);
+    }
+
     #[test]
     fn codes_decide_not_text() {
         assert_eq!(aadsts_code("x AADSTS700213: subject"), Some(700213));
