@@ -41,6 +41,12 @@ pub struct BenchArgs {
     /// re-authorization intervals, with kubelet-like republishes every 250 ms.
     #[arg(long)]
     revocation: bool,
+    /// Instead of lifecycles: mount this many unrelated tmpfs filesystems first (a busy node's
+    /// secrets, projected tokens and overlays), then make `--volumes` volumes ready one by one
+    /// and keep them published, republish each, and tear them all down: how per-call cost
+    /// grows with the node's mounts and volumes.
+    #[arg(long, default_value_t = 0)]
+    foreign_mounts: usize,
     /// Instead of lifecycles: fio on a plain and an encrypted volume of the same pool
     /// (sequential 1 MiB and random 4 KiB, read and write); needs fio.
     #[arg(long)]
@@ -503,6 +509,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
     };
     let client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
+    if args.foreign_mounts > 0 {
+        return scale(node, client, setup, &args, bytes).await;
+    }
     let node = Arc::new(node);
     let setup = Arc::new(setup);
     println!(
@@ -605,6 +614,193 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "rss_max_kib": rss,
     });
     println!("{json}");
+    Ok(())
+}
+
+/// Unrelated tmpfs mounts below `dir`, unmounted when dropped.
+struct ForeignMounts(Vec<std::path::PathBuf>);
+
+impl ForeignMounts {
+    fn mount(dir: &std::path::Path, n: usize) -> anyhow::Result<ForeignMounts> {
+        let mut mounts = ForeignMounts(Vec::with_capacity(n));
+        for i in 0..n {
+            let at = dir.join(format!("foreign-{i}"));
+            std::fs::create_dir_all(&at).with_context(|| format!("mkdir {}", at.display()))?;
+            nix::mount::mount(
+                Some("tmpfs"),
+                &at,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some("size=64k"),
+            )
+            .with_context(|| format!("mount tmpfs at {}", at.display()))?;
+            mounts.0.push(at);
+        }
+        Ok(mounts)
+    }
+}
+
+impl Drop for ForeignMounts {
+    fn drop(&mut self) {
+        for at in self.0.drain(..).rev() {
+            let _ = nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(&at);
+        }
+    }
+}
+
+/// `--foreign-mounts`: volumes made ready one by one and kept published among many unrelated
+/// mounts; then one republish of each; then teardown.
+async fn scale(
+    mut node: ScratchNode,
+    mut client: CsiClient,
+    setup: Setup,
+    args: &BenchArgs,
+    bytes: i64,
+) -> anyhow::Result<()> {
+    let foreign = ForeignMounts::mount(&node.root.join("foreign"), args.foreign_mounts)?;
+    println!(
+        "sealvol bench: {} foreign mounts, then {} volumes of {} (keyMode {}) made ready one by one and kept published",
+        args.foreign_mounts, args.volumes, args.size, args.key_mode
+    );
+    let token = match &setup.azure {
+        Some(azure) => Some(azure.mint_token("cluster", "demo", "app").await?),
+        None => None,
+    };
+    let params: Vec<(&str, &str)> = setup
+        .params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut ready_ms = Vec::with_capacity(args.volumes);
+    // Per step (create, stage, publish), to see which one grows.
+    let mut steps_ms: [Vec<f64>; 3] = Default::default();
+    let mut published = Vec::with_capacity(args.volumes);
+    for i in 0..args.volumes {
+        let (name, pod) = (format!("scale-{i}"), format!("pod-scale-{i}"));
+        let start = Instant::now();
+        let id = client
+            .controller
+            .create_volume(requests::create(&name, bytes, &params))
+            .await?
+            .into_inner()
+            .volume
+            .context("CreateVolume returned no volume")?
+            .volume_id;
+        let created = start.elapsed();
+        client.node.node_stage_volume(node.stage(&id)).await?;
+        let staged = start.elapsed();
+        let mut publish = node.publish(&id, &pod);
+        if let Some(token) = &token {
+            with_pod_token(
+                &mut publish,
+                token,
+                "api://AzureADTokenExchange",
+                "demo",
+                "app",
+                true,
+            );
+        }
+        client.node.node_publish_volume(publish.clone()).await?;
+        let ready = start.elapsed();
+        ready_ms.push(ready.as_secs_f64() * 1000.0);
+        for (v, d) in steps_ms
+            .iter_mut()
+            .zip([created, staged - created, ready - staged])
+        {
+            v.push(d.as_secs_f64() * 1000.0);
+        }
+        published.push((id, pod, publish));
+    }
+    let mut republish_ms = Vec::with_capacity(published.len());
+    for (_, _, publish) in &published {
+        let start = Instant::now();
+        client.node.node_publish_volume(publish.clone()).await?;
+        republish_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut teardown_ms = Vec::with_capacity(published.len());
+    for (id, pod, _) in published {
+        let start = Instant::now();
+        teardown(&mut client, &node, id, &pod).await?;
+        teardown_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(foreign);
+    let tenth = (ready_ms.len() / 10).max(1);
+    let mut first: Vec<f64> = ready_ms[..tenth].to_vec();
+    let mut last: Vec<f64> = ready_ms[ready_ms.len() - tenth..].to_vec();
+    for v in [&mut first, &mut last, &mut republish_ms, &mut teardown_ms] {
+        v.sort_by(f64::total_cmp);
+    }
+    let (first_p50, last_p50) = (percentile(&first, 50.0), percentile(&last, 50.0));
+    println!();
+    println!("{:<44} {:>9} {:>9}", "step", "p50 ms", "p99 ms");
+    println!(
+        "{:<44} {:>9.2} {:>9.2}",
+        format!("ready, first {tenth} volumes"),
+        first_p50,
+        percentile(&first, 99.0)
+    );
+    println!(
+        "{:<44} {:>9.2} {:>9.2}",
+        format!("ready, last {tenth} volumes"),
+        last_p50,
+        percentile(&last, 99.0)
+    );
+    println!(
+        "{:<44} {:>9.2} {:>9.2}",
+        format!("republish, {} kept published", republish_ms.len()),
+        percentile(&republish_ms, 50.0),
+        percentile(&republish_ms, 99.0)
+    );
+    println!(
+        "{:<44} {:>9.2} {:>9.2}",
+        "teardown",
+        percentile(&teardown_ms, 50.0),
+        percentile(&teardown_ms, 99.0)
+    );
+    for (step, v) in ["create", "stage", "publish"].iter().zip(&steps_ms) {
+        let p50 = |part: &[f64]| {
+            let mut part = part.to_vec();
+            part.sort_by(f64::total_cmp);
+            percentile(&part, 50.0)
+        };
+        println!(
+            "{:<44} {:>9.2} {:>9.2}",
+            format!("{step}, first / last {tenth} p50"),
+            p50(&v[..tenth]),
+            p50(&v[v.len() - tenth..])
+        );
+    }
+    println!(
+        "ready growth (last / first p50): {:.2}x",
+        last_p50 / first_p50.max(1e-9)
+    );
+    let leaks = (
+        node.loop_devices().len(),
+        node.mounts().len(),
+        node.pool_files().len(),
+    );
+    println!(
+        "leaked loop devices {} | leaked mounts {} | leftover pool files {}",
+        leaks.0, leaks.1, leaks.2
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "foreign_mounts": args.foreign_mounts,
+            "volumes": args.volumes,
+            "ready_first_p50_ms": round2(first_p50),
+            "ready_last_p50_ms": round2(last_p50),
+            "ready_growth": round2(last_p50 / first_p50.max(1e-9)),
+            "republish_p50_ms": round2(percentile(&republish_ms, 50.0)),
+            "republish_p99_ms": round2(percentile(&republish_ms, 99.0)),
+            "teardown_p50_ms": round2(percentile(&teardown_ms, 50.0)),
+            "leaked_loop_devices": leaks.0,
+            "leaked_mounts": leaks.1,
+            "leftover_pool_files": leaks.2,
+        })
+    );
+    node.kill();
     Ok(())
 }
 

@@ -117,6 +117,16 @@ impl AttachedLoop {
         device_path(self.number)
     }
 
+    /// The block device number of the loop device: the `st_dev` of a filesystem on it.
+    pub(crate) fn dev(&self) -> Result<u64, SysError> {
+        let path = format!("/sys/block/loop{}/dev", self.number);
+        let text = std::fs::read_to_string(&path).map_err(|e| SysError::io("read", &path, e))?;
+        text.trim()
+            .split_once(':')
+            .and_then(|(a, b)| Some(libc::makedev(a.parse().ok()?, b.parse().ok()?)))
+            .ok_or_else(|| SysError::io("parse", &path, std::io::Error::other(text.clone())))
+    }
+
     /// Whether the backing file has been unlinked (it lives on while the device holds it).
     pub(crate) fn backing_deleted(&self) -> bool {
         self.backing_file.ends_with(" (deleted)")
@@ -434,6 +444,34 @@ pub(crate) fn attached_loops() -> Result<Vec<AttachedLoop>, SysError> {
         }
     }
     Ok(out)
+}
+
+/// The loop device whose block device number is `dev` (the `st_dev` of a filesystem mounted
+/// from it), if it is a bound loop device: found through `/sys/dev/block/MAJOR:MINOR`, at a
+/// cost independent of how many loop devices the node has.
+pub(crate) fn attached_with_dev(dev: u64) -> Result<Option<AttachedLoop>, SysError> {
+    let link = format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(dev as libc::dev_t),
+        libc::minor(dev as libc::dev_t)
+    );
+    let target = match std::fs::read_link(&link) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SysError::io("readlink", &link, e)),
+    };
+    let Some(number) = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("loop"))
+        .and_then(|n| n.parse::<u32>().ok())
+    else {
+        return Ok(None);
+    };
+    match reported_backing(number)? {
+        Some(reported) => read_attached(number, reported),
+        None => Ok(None),
+    }
 }
 
 /// The loop device that currently backs the file at `backing`, if any, matched by the file's

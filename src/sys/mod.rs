@@ -24,8 +24,12 @@ pub(crate) use fscrypt::{
 };
 pub(crate) use keymem::{KeyBytes, init_key_memory};
 pub use keymem::{KeyMemory, ZeroOnFree};
-pub(crate) use loopdev::{AttachedLoop, FileId, LoopDevice, attached_loops, find_loop_for};
-pub(crate) use mount::{MountFlags, bind_mount, mount_fs, remount_bind_readonly, unmount};
+pub(crate) use loopdev::{
+    AttachedLoop, FileId, LoopDevice, attached_loops, attached_with_dev, find_loop_for,
+};
+pub(crate) use mount::{
+    MountFlags, bind_mount, is_read_only, mount_fs, mount_root_at, remount_bind_readonly, unmount,
+};
 pub(crate) use mountinfo::{MountEntry, MountTable};
 
 /// Whether this process holds CAP_SYS_RESOURCE, which ext4 requires to grow a mounted

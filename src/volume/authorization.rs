@@ -28,7 +28,7 @@ use super::release::{self, PodAuth, Principal};
 use super::{Manager, Volume, VolumeError, io_err, write_header};
 use crate::crypt;
 use crate::keys::Dek;
-use crate::sys::{self, AttachedLoop, MountTable};
+use crate::sys::{self, AttachedLoop};
 
 const AUTHORIZATIONS_DIR: &str = "authorizations";
 
@@ -159,15 +159,15 @@ impl Authorizations {
 }
 
 /// The live publications only: entries whose target no longer holds this volume are dropped.
-fn live(publications: Publications, table: &MountTable, device: &AttachedLoop) -> Publications {
-    publications
-        .into_iter()
-        .filter(|(target, _)| {
-            table
-                .at(target)
-                .is_some_and(|m| super::is_data_mount_of(m, device))
-        })
-        .collect()
+fn live(publications: Publications, device: &AttachedLoop) -> Result<Publications, VolumeError> {
+    let dev = device.dev()?;
+    let mut out = Publications::new();
+    for (target, p) in publications {
+        if super::mounted_here(&target, dev)? == super::MountedHere::Data {
+            out.insert(target, p);
+        }
+    }
+    Ok(out)
 }
 
 /// The refused live publication other than `target`, if any: it keeps the volume locked.
@@ -211,8 +211,7 @@ impl Manager {
         req: &PublishRequest,
     ) -> Result<(Dek, Principal), VolumeError> {
         let start = Instant::now();
-        let table = MountTable::read()?;
-        let publications = live(self.authorizations.get(&vol.id)?, &table, device);
+        let publications = live(self.authorizations.get(&vol.id)?, device)?;
         if let Some((t, p)) = refused_other(&publications, target) {
             return Err(locked_by(&vol.id, t, p));
         }
@@ -342,8 +341,7 @@ impl Manager {
         target: &Path,
         req: &PublishRequest,
     ) -> Result<(), VolumeError> {
-        let table = MountTable::read()?;
-        let mut publications = live(self.authorizations.get(&vol.id)?, &table, device);
+        let mut publications = live(self.authorizations.get(&vol.id)?, device)?;
         let auth = &req.auth;
         let mut me = match publications.get(target) {
             Some(p)

@@ -222,6 +222,48 @@ pub(super) fn not_found(id: &VolumeId) -> VolumeError {
     VolumeError::NotFound(format!("volume {id} does not exist on this node"))
 }
 
+/// What is mounted at a path, as it concerns the volume on one loop device. Found with statx
+/// alone: kubelet republishes every volume every minute or two, and that must not cost more
+/// on a node with thousands of other mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MountedHere {
+    Nothing,
+    /// The volume's whole filesystem (a staging mount).
+    Filesystem,
+    /// A bind mount of a directory of the volume's filesystem (sealvol binds only `data/`).
+    Data,
+    /// Another filesystem.
+    Other,
+}
+
+/// ext4's root directory inode: what a whole-filesystem mount shows at its mount point.
+const EXT4_ROOT_INO: u64 = 2;
+
+/// What is mounted at `path`, against the loop device numbered `loop_dev`.
+pub(super) fn mounted_here(path: &Path, loop_dev: u64) -> Result<MountedHere, VolumeError> {
+    Ok(match sys::mount_root_at(path)? {
+        None => MountedHere::Nothing,
+        Some(m) if m.dev != loop_dev => MountedHere::Other,
+        Some(m) if m.ino == EXT4_ROOT_INO => MountedHere::Filesystem,
+        Some(_) => MountedHere::Data,
+    })
+}
+
+/// The loop device of the volume whose file is `file` when its filesystem is mounted at
+/// `staging`: from statx of the path and the device by number, whatever else is mounted.
+pub(super) fn staged_at(file: &Path, staging: &Path) -> Result<Option<AttachedLoop>, VolumeError> {
+    let Some(m) = sys::mount_root_at(staging)? else {
+        return Ok(None);
+    };
+    if m.ino != EXT4_ROOT_INO {
+        return Ok(None);
+    }
+    let Some(l) = sys::attached_with_dev(m.dev)? else {
+        return Ok(None);
+    };
+    Ok((Some(l.backing) == sys::FileId::of(file)?).then_some(l))
+}
+
 /// Whether `m` is the whole filesystem of the volume on loop device `l` (its staging mount).
 pub(super) fn is_fs_mount_of(m: &sys::MountEntry, l: &AttachedLoop) -> bool {
     m.source == l.device_path().to_string_lossy() && m.root == Path::new("/")

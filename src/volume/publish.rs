@@ -8,8 +8,8 @@ use super::params::{AccessMode, Capability, KeyMode, Lifecycle, VolumeParams};
 use super::paths::check_under;
 use super::release::{self, PodAuth};
 use super::{
-    Manager, Volume, VolumeError, crash, invalid, io_err, is_data_mount_of, is_fs_mount_of,
-    not_found, publications,
+    Manager, MountedHere, Volume, VolumeError, crash, invalid, io_err, is_data_mount_of,
+    is_fs_mount_of, mounted_here, not_found, publications, staged_at,
 };
 use crate::crypt;
 use crate::sys::{self, AttachedLoop, MountTable};
@@ -49,10 +49,7 @@ impl Manager {
         let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
         let _guard = self.lock(&req.id)?;
         let mut vol = self.load(&req.id)?.ok_or_else(|| not_found(&req.id))?;
-        let table = MountTable::read()?;
-        let staged = sys::find_loop_for(&vol.file.path)?
-            .filter(|l| table.at(&staging).is_some_and(|m| is_fs_mount_of(m, l)));
-        let Some(device) = staged else {
+        let Some(device) = staged_at(&vol.file.path, &staging)? else {
             return Err(VolumeError::FailedPrecondition(format!(
                 "volume {} is not staged at {}",
                 req.id,
@@ -73,16 +70,12 @@ impl Manager {
         target: &Path,
         req: &PublishRequest,
     ) -> Result<(), VolumeError> {
-        let table = MountTable::read()?;
         if vol.record.key_mode == KeyMode::None {
-            return self.bind_at(vol, device, &table, staging, target, req);
+            return self.bind_at(vol, device, staging, target, req);
         }
-        if table
-            .at(target)
-            .is_some_and(|m| is_data_mount_of(m, device))
-        {
+        if mounted_here(target, device.dev()?)? == MountedHere::Data {
             self.reauthorize(vol, device, staging, target, req)?;
-            return self.bind_at(vol, device, &table, staging, target, req);
+            return self.bind_at(vol, device, staging, target, req);
         }
         // 1. Authorize.
         let (dek, _principal) = self.authorize_first_publish(vol, device, target, req)?;
@@ -101,7 +94,7 @@ impl Manager {
             self.save(vol)?;
         }
         // 3. Bind.
-        match self.bind_at(vol, device, &table, staging, target, req) {
+        match self.bind_at(vol, device, staging, target, req) {
             Ok(()) => self.publication_started(&vol.id, target, &req.auth),
             Err(e) => {
                 // Nothing is published: the key goes again.
@@ -118,15 +111,14 @@ impl Manager {
         &self,
         vol: &Volume,
         device: &AttachedLoop,
-        table: &MountTable,
         staging: &Path,
         target: &Path,
         req: &PublishRequest,
     ) -> Result<(), VolumeError> {
         let read_only = req.read_only || req.capability.access_mode.read_only();
-        if let Some(m) = table.at(target) {
-            if is_data_mount_of(m, device) {
-                if m.read_only == read_only {
+        match mounted_here(target, device.dev()?)? {
+            MountedHere::Data => {
+                if sys::is_read_only(target)? == read_only {
                     tracing::debug!(volume.id = %vol.id, "already published");
                     return Ok(());
                 }
@@ -140,14 +132,21 @@ impl Manager {
                     target.display()
                 )));
             }
-            return Err(VolumeError::AlreadyExists(format!(
-                "target_path {} already holds another mount ({})",
-                target.display(),
-                m.source
-            )));
+            MountedHere::Filesystem | MountedHere::Other => {
+                let source = MountTable::read()?
+                    .at(target)
+                    .map(|m| m.source.clone())
+                    .unwrap_or_default();
+                return Err(VolumeError::AlreadyExists(format!(
+                    "target_path {} already holds another mount ({source})",
+                    target.display(),
+                )));
+            }
+            MountedHere::Nothing => {}
         }
         if req.capability.access_mode == AccessMode::SingleNodeSingleWriter
-            && let Some(other) = publications(table, device).next()
+            && let table = MountTable::read()?
+            && let Some(other) = publications(&table, device).next()
         {
             return Err(VolumeError::FailedPrecondition(format!(
                 "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {}",

@@ -11,7 +11,7 @@ use super::paths::check_under;
 use super::release;
 use super::{
     Manager, Volume, VolumeError, crash, io_err, is_data_mount_of, is_fs_mount_of, not_found,
-    publications,
+    publications, staged_at,
 };
 use crate::crypt;
 use crate::sys::{self, FsUsage, LoopDevice, MountFlags, MountTable};
@@ -49,22 +49,27 @@ impl Manager {
         at: &Path,
         flags: MountFlags,
     ) -> Result<(), VolumeError> {
-        let table = MountTable::read()?;
-        let attached = sys::find_loop_for(&vol.file.path)?;
-        if let Some(m) = table.at(at) {
-            if attached.as_ref().is_some_and(|l| is_fs_mount_of(m, l)) {
+        // The staging path by statx; mountinfo only when a loop device already exists (a
+        // re-stage), to find where else it is mounted.
+        if sys::mount_root_at(at)?.is_some() {
+            if staged_at(&vol.file.path, at)?.is_some() {
                 // A crash may have come between the mount and the data directory.
                 crypt::ensure_data_dir(at)?;
                 tracing::debug!(volume.id = %vol.id, "already staged");
                 return Ok(());
             }
+            let source = MountTable::read()?
+                .at(at)
+                .map(|m| m.source.clone())
+                .unwrap_or_default();
             return Err(VolumeError::AlreadyExists(format!(
-                "staging_target_path {} already holds another mount ({})",
+                "staging_target_path {} already holds another mount ({source})",
                 at.display(),
-                m.source
             )));
         }
+        let attached = sys::find_loop_for(&vol.file.path)?;
         if let Some(l) = &attached
+            && let table = MountTable::read()?
             && let Some(other) = table.entries().iter().find(|m| is_fs_mount_of(m, l))
         {
             return Err(VolumeError::FailedPrecondition(format!(
