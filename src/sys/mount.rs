@@ -114,9 +114,9 @@ pub(crate) fn mount_root_at(path: &Path) -> Result<Option<MountRoot>, SysError> 
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| SysError::errno("statx", path, Errno::EINVAL))?;
     let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: `c_path` is a NUL-terminated path that outlives the call, and `stx` is a
-    // writable buffer of one `struct statx`, which is all the kernel writes.
     let rc = retry_eintr(|| {
+        // SAFETY: `c_path` is a NUL-terminated path that outlives the call, and `stx` is a
+        // writable buffer of one `struct statx`, which is all the kernel writes.
         Errno::result(unsafe {
             libc::statx(
                 libc::AT_FDCWD,
