@@ -28,6 +28,9 @@ pub struct BenchArgs {
     /// an Azure emulator the benchmark starts).
     #[arg(long, default_value = "none", value_parser = ["none", "keyvault-key", "keyvault-secret"])]
     key_mode: String,
+    /// provisioning of the volumes: thick (blocks reserved at create) or thin (sparse).
+    #[arg(long, default_value = "thick", value_parser = ["thick", "thin"])]
+    provisioning: String,
     /// Republishes (kubelet's requiresRepublish) of each published volume, timed.
     #[arg(long, default_value_t = 5)]
     republishes: usize,
@@ -472,7 +475,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return revocation_figures(&exe, &args).await;
     }
     let scratch = ScratchNode::new(&exe, args.dir.as_deref())?;
-    let (mut node, setup) = if args.key_mode == "none" {
+    let (mut node, mut setup) = if args.key_mode == "none" {
         let params = vec![("keyMode".to_string(), "none".to_string())];
         (
             scratch,
@@ -508,6 +511,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             },
         )
     };
+    setup
+        .params
+        .push(("provisioning".to_string(), args.provisioning.clone()));
     let client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
     if args.foreign_mounts > 0 {
         return scale(node, client, setup, &args, bytes).await;
@@ -515,9 +521,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let node = Arc::new(node);
     let setup = Arc::new(setup);
     println!(
-        "sealvol bench: {} lifecycles of {} volumes (keyMode {}), sequential then {} at once; pool in {}",
+        "sealvol bench: {} lifecycles of {} {} volumes (keyMode {}), sequential then {} at once; pool in {}",
         args.volumes,
         args.size,
+        args.provisioning,
         args.key_mode,
         args.concurrency,
         node.pool_dir.display()

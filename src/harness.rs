@@ -101,6 +101,25 @@ impl ScratchNode {
     /// path (`plugin_pool_dir`), so the paths the kernel reports for its loop devices mean
     /// nothing outside it, and nothing once it is gone. The pool is a filesystem of its own
     /// (tmpfs of `pool_bytes`), so every loop device over it is this node's.
+    /// Puts the pool on a filesystem of its own: a tmpfs of `pool_bytes`, which a test can
+    /// fill from outside the driver.
+    pub fn pool_on_tmpfs(mut self, pool_bytes: u64) -> Result<Self, HarnessError> {
+        let size = format!("size={pool_bytes}");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &self.pool_dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(size.as_str()),
+        )
+        .map_err(|e| HarnessError::Io {
+            what: format!("mount tmpfs at {}", self.pool_dir.display()),
+            source: std::io::Error::from(e),
+        })?;
+        self.infra_mounts.push(self.pool_dir.clone());
+        Ok(self)
+    }
+
     pub fn containerized(mut self, pool_bytes: u64) -> Result<Self, HarnessError> {
         use nix::mount::{MsFlags, mount};
         let none = None::<&str>;

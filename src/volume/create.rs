@@ -8,7 +8,9 @@ use std::fs::OpenOptions;
 
 use super::header::{self, EventTarget, HEADER_BYTES, VolumeRecord};
 use super::id::VolumeId;
-use super::params::{CapacityRange, KeyMode, Lifecycle, MIN_CAPACITY, VolumeParams, WipeMode};
+use super::params::{
+    CapacityRange, KeyMode, Lifecycle, MIN_CAPACITY, Provisioning, VolumeParams, WipeMode,
+};
 use super::{
     Manager, TOPOLOGY_KEY, Volume, VolumeError, crash, invalid, io_err, not_found, now_unix,
 };
@@ -91,6 +93,7 @@ impl Manager {
             fs_type: "ext4".into(),
             key_mode: req.params.key_mode,
             wipe: req.params.wipe,
+            provisioning: req.params.provisioning,
             created_unix: now_unix(),
             formatted: false,
             kms: req.params.kms.clone(),
@@ -158,6 +161,13 @@ impl Manager {
             .map_err(io_err("create", &tmp))?;
         file.set_len(HEADER_BYTES + record.capacity_bytes)
             .map_err(io_err("size", &tmp))?;
+        if record.provisioning == Provisioning::Thick
+            && let Err(e) = sys::reserve(&file, &tmp, 0, HEADER_BYTES + record.capacity_bytes)
+        {
+            drop(file);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(reserve_error(e, record.capacity_bytes));
+        }
         header::write(&mut file, record, 0).map_err(|source| VolumeError::Header {
             volume_id: record.volume_id.clone(),
             source,
@@ -287,4 +297,21 @@ pub(crate) fn volume_context(s: &VolumeSummary) -> BTreeMap<String, String> {
         ("keyMode".to_string(), s.key_mode.as_str().to_string()),
         ("wipe".to_string(), s.wipe.as_str().to_string()),
     ])
+}
+
+/// Why a thick volume's blocks could not be reserved, as the caller should hear it.
+pub(super) fn reserve_error(e: sys::SysError, bytes: u64) -> VolumeError {
+    match &e {
+        sys::SysError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            VolumeError::ResourceExhausted(format!(
+                "the pool's filesystem cannot hold {bytes} more bytes: something other than sealvol has used its space ({e})"
+            ))
+        }
+        sys::SysError::Io { source, .. } if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            VolumeError::FailedPrecondition(format!(
+                "the pool's filesystem cannot reserve blocks ({e}); use provisioning: thin there"
+            ))
+        }
+        _ => e.into(),
+    }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::header::HEADER_BYTES;
 use super::id::VolumeId;
-use super::params::CapacityRange;
+use super::params::{CapacityRange, Provisioning};
 use super::paths::check_under;
 use super::{
     Manager, Volume, VolumeError, crash, io_err, is_data_mount_of, is_fs_mount_of, not_found,
@@ -101,6 +101,10 @@ impl Manager {
                     vol.id,
                     wanted_len - current_len
                 )));
+            }
+            if vol.record.provisioning == Provisioning::Thick {
+                sys::reserve(&file, &path, current_len, wanted_len - current_len)
+                    .map_err(|e| super::create::reserve_error(e, wanted_len - current_len))?;
             }
             file.set_len(wanted_len).map_err(io_err("grow", &path))?;
             file.sync_all().map_err(io_err("fsync", &path))?;

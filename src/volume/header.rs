@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::params::{KeyMode, Lifecycle, OnRevoke, WipeMode};
+use super::params::{KeyMode, Lifecycle, OnRevoke, Provisioning, WipeMode};
 use crate::keys::KmsRecord;
 
 /// Bytes before the filesystem starts; the loop device maps the file from this offset.
@@ -33,6 +33,9 @@ pub(crate) struct VolumeRecord {
     pub(crate) fs_type: String,
     pub(crate) key_mode: KeyMode,
     pub(crate) wipe: WipeMode,
+    /// Thick volumes have every block allocated; headers from before the field are thin.
+    #[serde(default = "Provisioning::legacy")]
+    pub(crate) provisioning: Provisioning,
     pub(crate) created_unix: u64,
     /// Set once mkfs has completed; a volume is mounted only after this is durable, so a
     /// volume without it never held data and may be formatted again.
@@ -158,6 +161,7 @@ mod tests {
             fs_type: "ext4".into(),
             key_mode: KeyMode::None,
             wipe: WipeMode::Discard,
+            provisioning: Provisioning::Thick,
             created_unix: 1,
             formatted: false,
             kms: None,

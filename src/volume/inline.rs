@@ -168,6 +168,7 @@ impl Manager {
             fs_type: "ext4".into(),
             key_mode: params.key_mode,
             wipe: params.wipe,
+            provisioning: params.provisioning,
             created_unix: now_unix(),
             formatted: false,
             kms: params.kms.clone(),

@@ -19,7 +19,7 @@ pub(crate) const MIN_CAPACITY: u64 = 16 * MIB;
 /// Kubernetes' own limit on a CSI volume name is 128 bytes; this leaves room for other COs.
 const MAX_NAME_BYTES: usize = 256;
 
-const BASIC_PARAMETERS: &[&str] = &["pool", "fsType", "keyMode", "wipe"];
+const BASIC_PARAMETERS: &[&str] = &["pool", "fsType", "keyMode", "wipe", "provisioning"];
 /// The parameters that only an encrypted volume takes.
 const KEY_PARAMETERS: &[&str] = &[
     "keyVaultURL",
@@ -96,12 +96,34 @@ impl WipeMode {
     }
 }
 
+/// Whether a volume's blocks are reserved in the pool when it is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Provisioning {
+    /// Every block allocated at create and at expansion (fallocate): what the pool promised
+    /// is on disk, so something else filling the pool's filesystem cannot fail the volume's
+    /// writes underneath ext4. The default.
+    Thick,
+    /// A sparse file: blocks are allocated as the pod writes. If something else fills the
+    /// pool's filesystem, the volume's writes fail underneath ext4 and data can be lost. What
+    /// volumes made before `provisioning` existed are.
+    Thin,
+}
+
+impl Provisioning {
+    /// What a header written before the field existed says: those files were sparse.
+    pub(crate) fn legacy() -> Provisioning {
+        Provisioning::Thin
+    }
+}
+
 /// StorageClass parameters (or inline volume attributes), validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct VolumeParams {
     pub(crate) pool: Option<String>,
     pub(crate) key_mode: KeyMode,
     pub(crate) wipe: WipeMode,
+    pub(crate) provisioning: Provisioning,
     /// Where the KEK is, for the keyvault modes.
     pub(crate) kms: Option<KmsRecord>,
     pub(crate) on_revoke: OnRevoke,
@@ -188,6 +210,18 @@ impl VolumeParams {
                 ));
             }
         };
+        let provisioning = match map.get("provisioning").map(String::as_str) {
+            None | Some("thick") => Provisioning::Thick,
+            Some("thin") => Provisioning::Thin,
+            Some(other) => {
+                return Err(invalid(
+                    "provisioning",
+                    format!(
+                        "{other:?} is not accepted; use thick (default: blocks reserved at create) or thin (sparse; see the docs for the risk)"
+                    ),
+                ));
+            }
+        };
         let pool = map.get("pool").cloned();
         if let Some(p) = &pool
             && !crate::pool::valid_pool_name(p)
@@ -222,6 +256,7 @@ impl VolumeParams {
             pool,
             key_mode,
             wipe,
+            provisioning,
             kms,
             on_revoke,
             pvc,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::header::HEADER_BYTES;
 use super::id::VolumeId;
-use super::params::{Capability, Lifecycle};
+use super::params::{Capability, Lifecycle, Provisioning};
 use super::paths::check_under;
 use super::release;
 use super::{
@@ -49,6 +49,14 @@ impl Manager {
         at: &Path,
         flags: MountFlags,
     ) -> Result<(), VolumeError> {
+        if flags.discard && vol.record.provisioning == Provisioning::Thick {
+            // ext4's discards would punch holes in the backing file through the loop device,
+            // and a thick volume would quietly turn thin.
+            return Err(VolumeError::InvalidArgument {
+                field: "volume_capability.mount_flags",
+                message: "discard is refused for a thick volume (it would release the blocks reserved for it); use provisioning: thin to mount with discard".into(),
+            });
+        }
         // The staging path by statx; mountinfo only when a loop device already exists (a
         // re-stage), to find where else it is mounted.
         if sys::mount_root_at(at)?.is_some() {
