@@ -81,6 +81,7 @@ pub(crate) struct Metrics {
     pub(crate) key_events: Family<EventLabels, Counter>,
     pub(crate) volumes: Family<StateLabels, Gauge>,
     pub(crate) volumes_by_kek: Family<KekLabels, Gauge>,
+    pub(crate) volumes_abnormal: Gauge,
     pub(crate) pool_capacity: Family<PoolLabels, Gauge>,
     pub(crate) pool_free: Family<PoolLabels, Gauge>,
 }
@@ -98,6 +99,7 @@ pub(crate) fn metrics() -> &'static Metrics {
             key_events: Family::default(),
             volumes: Family::default(),
             volumes_by_kek: Family::default(),
+            volumes_abnormal: Gauge::default(),
             pool_capacity: Family::default(),
             pool_free: Family::default(),
             registry: Registry::default(),
@@ -110,6 +112,7 @@ pub(crate) fn metrics() -> &'static Metrics {
         registry.register("key_events", "Key events (generate, wrap, unwrap, evict, wipe, denial, lock, unlock, reauthorize) by result", m.key_events.clone());
         registry.register("volumes", "Volumes on this node by state (created, staged, published)", m.volumes.clone());
         registry.register("volumes_by_kek_version", "Volumes on this node whose DEK is wrapped by each KEK version: an old version may be disabled once it counts none, on every node", m.volumes_by_kek.clone());
+        registry.register("volumes_abnormal", "Mounted volumes whose filesystem recorded errors, or whose backing file was truncated or removed (NodeGetVolumeStats says why)", m.volumes_abnormal.clone());
         registry.register("pool_capacity_bytes", "Size of each pool", m.pool_capacity.clone());
         registry.register("pool_free_bytes", "Space each pool can still promise", m.pool_free.clone());
         Metrics { registry, ..m }

@@ -113,7 +113,7 @@ def registered_families(source):
     `_bucket`, `_sum`, `_count` to a Histogram (queried by its bare name too); a Gauge is as it
     is."""
     (prefix,) = re.findall(r'Registry::with_prefix\("([a-z_]+)"\)', source)
-    kinds = dict(re.findall(r"pub\(crate\) (\w+): Family<[^>]*?\b(Counter|Gauge|Histogram)\b", source))
+    kinds = dict(re.findall(r"pub\(crate\) (\w+): (?:Family<[^>]*?\b)?(Counter|Gauge|Histogram)\b", source))
     families = {}
     for name, field in re.findall(r'registry\.register\(\s*"([a-z_]+)",\s*"[^"]*",\s*m\.(\w+)\.clone\(\)', source):
         base = f"{prefix}_{name}"
@@ -589,7 +589,7 @@ class Chart(unittest.TestCase):
                 used = metric_names(expr)
                 self.assertLessEqual(used, known, f"{what} {key}: {sorted(used - known)} not registered in src/metrics.rs")
                 self.assertTrue(used or expr.startswith("up{"), f"{what} {key} uses no sealvol metric")
-        self.assertEqual(set(rules), {"SealvolKeyReleaseDenied", "SealvolVolumeLocked", "SealvolAzureUnavailable", "SealvolAzureSlow",
+        self.assertEqual(set(rules), {"SealvolVolumeAbnormal", "SealvolKeyReleaseDenied", "SealvolVolumeLocked", "SealvolAzureUnavailable", "SealvolAzureSlow",
                                       "SealvolPoolNearlyFull", "SealvolInternalError", "SealvolDriverDown", "SealvolMetricsAbsent"})
         self.assertEqual(rules["SealvolDriverDown"], 'up{job="sealvol"} == 0')
         self.assertEqual(rules["SealvolMetricsAbsent"], "absent(sealvol_volumes)")

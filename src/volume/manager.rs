@@ -237,7 +237,7 @@ pub(crate) enum MountedHere {
 }
 
 /// ext4's root directory inode: what a whole-filesystem mount shows at its mount point.
-const EXT4_ROOT_INO: u64 = 2;
+pub(super) const EXT4_ROOT_INO: u64 = 2;
 
 /// What is mounted at `path`, against the loop device numbered `loop_dev`.
 pub(super) fn mounted_here(path: &Path, loop_dev: u64) -> Result<MountedHere, VolumeError> {

@@ -174,6 +174,11 @@ impl Manager {
         let table = MountTable::read()?;
         if let Some(m) = table.at(&target) {
             let Some(vol) = &vol else {
+                if self.release_orphaned_mount(id, &target)? {
+                    self.publication_ended(id, &target)?;
+                    let _ = std::fs::remove_dir(&target);
+                    return Ok(());
+                }
                 return Err(VolumeError::NotFound(format!(
                     "volume {id} does not exist, and {} holds a mount of something else",
                     target.display()

@@ -143,7 +143,7 @@ impl Manager {
     pub(crate) fn refresh_gauges(&self) -> Result<(), VolumeError> {
         let loops = sys::attached_loops()?;
         let table = MountTable::read()?;
-        let (mut created, mut staged, mut published) = (0, 0, 0);
+        let (mut created, mut staged, mut published, mut abnormal) = (0, 0, 0, 0);
         let mut by_kek = std::collections::BTreeMap::new();
         for (_, disk) in self.pools.disks() {
             for id in disk.volume_ids()? {
@@ -164,7 +164,19 @@ impl Manager {
                 }
                 // By identity: the path a loop device reports is its attacher's.
                 let backing = sys::FileId::of(&disk.volume_path(&id))?;
-                match loops.iter().find(|l| Some(l.backing) == backing) {
+                let device = loops.iter().find(|l| Some(l.backing) == backing);
+                if let Some(l) = device
+                    && let Ok(id) = VolumeId::parse(&id)
+                    && let Some(vol) = self.load(&id).ok().flatten()
+                    && self
+                        .health(&vol, l, Path::new("/"), false)
+                        .ok()
+                        .flatten()
+                        .is_some()
+                {
+                    abnormal += 1;
+                }
+                match device {
                     None => created += 1,
                     Some(l) if publications(&table, l).next().is_some() => published += 1,
                     Some(_) => staged += 1,
@@ -176,6 +188,12 @@ impl Manager {
         m.set_volumes("staged", staged);
         m.set_volumes("published", published);
         m.set_volumes_by_kek(&by_kek);
+        // Loop devices over removed backing files are volumes too, and the worst kind.
+        abnormal += loops
+            .iter()
+            .filter(|l| self.attached_by_us(l) && l.backing_deleted())
+            .count() as i64;
+        m.volumes_abnormal.set(abnormal);
         for pool in self.pools.all() {
             let (total, free, _) = pool.space()?;
             m.set_pool(&pool.name, total, free);

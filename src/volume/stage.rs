@@ -6,11 +6,11 @@ use std::path::Path;
 
 use super::header::HEADER_BYTES;
 use super::id::VolumeId;
-use super::params::{Capability, Lifecycle, Provisioning};
+use super::params::{Capability, KeyMode, Lifecycle, Provisioning};
 use super::paths::check_under;
 use super::release;
 use super::{
-    Manager, Volume, VolumeError, crash, io_err, is_data_mount_of, is_fs_mount_of, not_found,
+    EXT4_ROOT_INO, Manager, Volume, VolumeError, crash, io_err, is_fs_mount_of, not_found,
     publications, staged_at,
 };
 use crate::crypt;
@@ -117,8 +117,38 @@ impl Manager {
     pub(crate) fn unstage(&self, id: &VolumeId, staging: &str) -> Result<(), VolumeError> {
         let staging = check_under(staging, &self.settings.kubelet_dir, "staging_target_path")?;
         let _guard = self.lock(id)?;
-        let vol = self.load(id)?.ok_or_else(|| not_found(id))?;
+        let Some(vol) = self.load(id)? else {
+            if self.release_orphaned_mount(id, &staging)? {
+                return Ok(());
+            }
+            return Err(not_found(id));
+        };
         self.unstage_at(&vol, &staging)
+    }
+
+    /// Unmounts `path` when it holds volume `id` after its backing file was removed from the
+    /// pool (by hand, or by something cleaning the disk), so that kubelet can still unpublish
+    /// and unstage it instead of leaving the pod stuck in Terminating. Whether it did.
+    pub(super) fn release_orphaned_mount(
+        &self,
+        id: &VolumeId,
+        path: &Path,
+    ) -> Result<bool, VolumeError> {
+        let Some(m) = sys::mount_root_at(path)? else {
+            return Ok(false);
+        };
+        let Some(l) = sys::attached_with_dev(m.dev)? else {
+            return Ok(false);
+        };
+        if !(l.backing_deleted()
+            && self.attached_by_us(&l)
+            && l.backing_name() == format!("{id}.img"))
+        {
+            return Ok(false);
+        }
+        sys::unmount(path, false)?;
+        tracing::warn!(volume.id = %id, path = %path.display(), device = %l.device_path().display(), "unmounted a volume whose backing file had been removed from the pool");
+        Ok(true)
     }
 
     pub(super) fn unstage_at(&self, vol: &Volume, at: &Path) -> Result<(), VolumeError> {
@@ -169,39 +199,98 @@ impl Manager {
                 }
                 e => e,
             })?;
-        let vol = self.load(id)?.ok_or_else(|| not_found(id))?;
         if !path.exists() {
             return Err(VolumeError::NotFound(format!(
                 "volume_path {} does not exist",
                 path.display()
             )));
         }
-        let table = MountTable::read()?;
-        let Some(device) = sys::find_loop_for(&vol.file.path)? else {
+        // What is mounted at the path, by statx and the loop device's number: this also finds
+        // a volume whose backing file was removed under it.
+        let mounted = sys::mount_root_at(&path)?;
+        let device = match mounted {
+            Some(m) => sys::attached_with_dev(m.dev)?,
+            None => None,
+        };
+        let Some(vol) = self.load(id)? else {
+            return match device {
+                Some(l) if l.backing_deleted() && l.backing_name() == format!("{id}.img") => {
+                    Ok(VolumeStats {
+                        usage: Some(sys::statvfs(&path)?),
+                        abnormal: Some(format!(
+                            "the backing file of volume {id} was removed from its pool while the volume is mounted: what is written now is lost when it is unmounted"
+                        )),
+                    })
+                }
+                _ => Err(not_found(id)),
+            };
+        };
+        let ours =
+            device.filter(|l| Some(l.backing) == sys::FileId::of(&vol.file.path).ok().flatten());
+        let Some(device) = ours else {
+            let abnormal = match mounted {
+                Some(_) => format!("{} holds another mount", path.display()),
+                None => format!("volume {id} is not mounted at {}", path.display()),
+            };
             return Ok(VolumeStats {
                 usage: None,
-                abnormal: Some(format!("volume {id} has no loop device: it is not staged")),
+                abnormal: Some(abnormal),
             });
         };
-        match table.at(&path) {
-            Some(m) if is_fs_mount_of(m, &device) || is_data_mount_of(m, &device) => {
-                Ok(VolumeStats {
-                    usage: Some(sys::statvfs(&path)?),
-                    abnormal: None,
-                })
-            }
-            Some(m) => Ok(VolumeStats {
-                usage: None,
-                abnormal: Some(format!(
-                    "{} holds another mount ({})",
-                    path.display(),
-                    m.source
-                )),
-            }),
-            None => Ok(VolumeStats {
-                usage: None,
-                abnormal: Some(format!("volume {id} is not mounted at {}", path.display())),
-            }),
+        let published = mounted.is_some_and(|m| m.ino != EXT4_ROOT_INO);
+        Ok(VolumeStats {
+            usage: Some(sys::statvfs(&path)?),
+            abnormal: self.health(&vol, &device, &path, published)?,
+        })
+    }
+}
+
+impl Manager {
+    /// What is wrong with a mounted volume, in words an operator can act on; None when
+    /// nothing is. `path` is a mount of it; `published` says it is a pod's (its key belongs
+    /// in the kernel then).
+    pub(super) fn health(
+        &self,
+        vol: &Volume,
+        device: &sys::AttachedLoop,
+        path: &Path,
+        published: bool,
+    ) -> Result<Option<String>, VolumeError> {
+        let errors =
+            std::fs::read_to_string(format!("/sys/fs/ext4/loop{}/errors_count", device.number))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        if errors > 0 {
+            return Ok(Some(format!(
+                "ext4 on volume {} recorded {errors} error(s) and may have turned read-only: its data may be damaged (see the node's kernel log for {})",
+                vol.id,
+                device.device_path().display()
+            )));
         }
+        let len = std::fs::metadata(&vol.file.path)
+            .map_err(io_err("stat", &vol.file.path))?
+            .len();
+        if len < HEADER_BYTES + vol.record.capacity_bytes {
+            return Ok(Some(format!(
+                "the backing file of volume {} was truncated to {len} bytes under the mounted volume: reads past its end fail",
+                vol.id
+            )));
+        }
+        if published
+            && vol.record.key_mode != KeyMode::None
+            && let Some(identifier) = vol
+                .record
+                .kms
+                .as_ref()
+                .and_then(|k| k.key_identifier.as_deref())
+            && !crypt::key_present(path, identifier)?
+        {
+            return Ok(Some(format!(
+                "volume {} is locked: its key is not in the kernel (a re-authorization was refused), so no file can be opened",
+                vol.id
+            )));
+        }
+        Ok(None)
     }
 }
