@@ -1,6 +1,9 @@
 # The sealvol driver image: built with cargo in a full Rust image, run in a slim Debian with only
 # what the driver calls (e2fsprogs: mkfs.ext4, resize2fs, e2fsck; util-linux: blkid, wipefs) and
 # the CA roots for Entra ID and Key Vault.
+# Where no registry is reachable, hack/image builds the same contents offline and reproducibly
+# (mmdebstrap from the machine's apt mirror, no apt in the image): keep the package list below
+# the same as its `packages`, and PATH, entrypoint and command the same as its configuration.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
