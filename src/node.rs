@@ -281,6 +281,9 @@ pub async fn run_node(
     }
     // No core dumps, no ptrace by others: keys pass through this process's memory.
     crate::sys::forbid_core_dumps()?;
+    // Mount checks rely on statx's STATX_ATTR_MOUNT_ROOT (Linux 5.8+): refuse to start
+    // without it rather than misjudge what is mounted.
+    crate::sys::mount_root_at(std::path::Path::new("/"))?;
     let key_memory = crate::sys::init_key_memory(cfg.key_memory)?;
     tracing::info!(?key_memory, "key arena mapped and locked");
     let tools = Tools::locate()?;

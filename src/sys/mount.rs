@@ -136,7 +136,7 @@ pub(crate) fn mount_root_at(path: &Path) -> Result<Option<MountRoot>, SysError> 
     let stx = unsafe { stx.assume_init() };
     let root = libc::STATX_ATTR_MOUNT_ROOT as u64;
     if stx.stx_attributes_mask & root == 0 {
-        // Kernels before 5.8 do not say; callers fall back to mountinfo.
+        // Kernels before 5.8 do not say; the node plugin checks at start (node.rs).
         return Err(SysError::errno(
             "statx (STATX_ATTR_MOUNT_ROOT)",
             path,
