@@ -12,6 +12,7 @@ use super::publish::PublishRequest;
 use super::release::PodAuth;
 use super::{
     INLINE_DIR, Manager, Volume, VolumeError, crash, io_err, not_found, now_unix, publications,
+    staged_at,
 };
 use crate::sys;
 
@@ -47,7 +48,7 @@ impl Manager {
             }
             return Err(e);
         }
-        let published = sys::find_loop_for(&vol.file.path)?
+        let published = staged_at(&vol.file.path, &staging)?
             .ok_or_else(|| {
                 VolumeError::FailedPrecondition(format!("volume {} lost its loop device", vol.id))
             })
