@@ -8,14 +8,6 @@
 mod common;
 use common::*;
 
-fn metrics_address(log: &str) -> String {
-    log.lines()
-        .find(|l| l.contains("metrics listening"))
-        .and_then(|l| l.split("address=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
-        .expect("the node logs its metrics address")
-}
-
 async fn abnormal_gauge(node: &ScratchNode) -> String {
     let text = reqwest::get(format!("http://{}/metrics", metrics_address(&node.log())))
         .await

@@ -11,17 +11,6 @@ use common::*;
 
 use common::azure::*;
 
-fn metrics_address(log: &str) -> String {
-    log.lines()
-        .filter(|l| l.contains("metrics listening"))
-        .find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).ok()?["address"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .expect("the node logs its metrics address")
-}
-
 /// The `sealvol_volumes_by_kek_version` series: version -> volumes.
 async fn by_version(base: &str) -> std::collections::BTreeMap<String, u64> {
     let text = reqwest::get(format!("{base}/metrics"))

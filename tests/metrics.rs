@@ -32,17 +32,6 @@ async fn event_sink() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     (url, events)
 }
 
-fn metrics_address(log: &str) -> String {
-    log.lines()
-        .filter(|l| l.contains("metrics listening"))
-        .find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).ok()?["address"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .expect("the node logs its metrics address")
-}
-
 /// The value of the series whose line starts with `prefix` (labels included).
 fn value(text: &str, prefix: &str) -> f64 {
     text.lines()

@@ -109,18 +109,7 @@ async fn a_thick_volume_keeps_every_write_when_the_pool_fills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thin_is_sparse_thick_is_reserved_and_capacity_counts_both() {
     let (node, mut c) = start_on_small_pool().await;
-    let capacity = |c: &mut CsiClient| {
-        let mut c = c.clone();
-        async move {
-            c.controller
-                .get_capacity(csi::GetCapacityRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .available_capacity
-        }
-    };
-    let empty = capacity(&mut c).await;
+    let empty = available_capacity(&c).await;
     let thin = create_with(
         &mut c,
         "pvc-thin",
@@ -133,9 +122,9 @@ async fn thin_is_sparse_thick_is_reserved_and_capacity_counts_both() {
         allocated_bytes(&thin_file) < 2 * MIB as u64,
         "a thin volume is sparse"
     );
-    let after_thin = capacity(&mut c).await;
+    let after_thin = available_capacity(&c).await;
     let thick = create_with(&mut c, "pvc-thick", 32 * MIB, NONE).await;
-    let after_thick = capacity(&mut c).await;
+    let after_thick = available_capacity(&c).await;
     // Both are promised in full, whether their blocks are allocated yet or not.
     assert!(empty - after_thin >= 32 * MIB, "{empty} -> {after_thin}");
     assert!(

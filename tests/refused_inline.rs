@@ -67,18 +67,7 @@ async fn a_refused_inline_volume_is_kept_for_retries_then_removed() {
     assert!(kms["wrapped"].is_null(), "no key was ever made: {kms}");
     assert!(header(&node, &id)["refused_since_ms"].as_u64().is_some());
     // Counted in the pool: the file holds its place.
-    let capacity = |c: &mut CsiClient| {
-        let mut c = c.clone();
-        async move {
-            c.controller
-                .get_capacity(csi::GetCapacityRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .available_capacity
-        }
-    };
-    let while_kept = capacity(&mut c).await;
+    let while_kept = available_capacity(&c).await;
 
     // kubelet gives up when the pod is deleted, without an unpublish: the timer removes it.
     let mut gone = false;
@@ -90,7 +79,7 @@ async fn a_refused_inline_volume_is_kept_for_retries_then_removed() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(gone, "{}", node.log());
-    assert!(capacity(&mut c).await > while_kept);
+    assert!(available_capacity(&c).await > while_kept);
     assert!(
         node.log()
             .contains("removed an inline volume whose first publish failed")

@@ -184,3 +184,32 @@ pub fn can_resize_online() -> bool {
         .trim();
     u64::from_str_radix(caps, 16).unwrap() & (1 << 24) != 0
 }
+
+/// The address the node plugin logs its metrics at (`--metrics-address`), from JSON or text
+/// logs.
+#[allow(dead_code)]
+pub fn metrics_address(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("metrics listening"))
+        .find_map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(v) => v["address"].as_str().map(str::to_string),
+            Err(_) => l
+                .split("address=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next())
+                .map(str::to_string),
+        })
+        .expect("the node logs its metrics address")
+}
+
+/// What GetCapacity says the node's pools can still hold.
+#[allow(dead_code)]
+pub async fn available_capacity(c: &CsiClient) -> i64 {
+    c.clone()
+        .controller
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await
+        .expect("GetCapacity")
+        .into_inner()
+        .available_capacity
+}
