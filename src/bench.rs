@@ -104,37 +104,37 @@ async fn teardown(
     Ok(())
 }
 
-async fn lifecycle(
-    mut client: CsiClient,
-    node: Arc<ScratchNode>,
-    setup: Arc<Setup>,
-    name: String,
+/// A volume made ready as kubelet and external-provisioner make it: created, staged and
+/// published for `pod` (with the pod's token for encrypted volumes). Returns its id, the
+/// publish request (for republishes) and how long create, stage and publish took.
+async fn make_ready(
+    client: &mut CsiClient,
+    node: &ScratchNode,
+    setup: &Setup,
+    token: Option<&str>,
+    name: &str,
+    pod: &str,
     bytes: i64,
-) -> anyhow::Result<Lifecycle> {
-    let pod = format!("pod-{name}");
-    // Like kubelet: a token of its own for each pod, fetched before the calls.
-    let token = match &setup.azure {
-        Some(azure) => Some(azure.mint_token("cluster", "demo", "app").await?),
-        None => None,
-    };
+) -> anyhow::Result<(String, csi::NodePublishVolumeRequest, [Duration; 3])> {
     let params: Vec<(&str, &str)> = setup
         .params
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let start = Instant::now();
-    let created = client
+    let id = client
         .controller
-        .create_volume(requests::create(&name, bytes, &params))
+        .create_volume(requests::create(name, bytes, &params))
         .await?
-        .into_inner();
-    let id = created
+        .into_inner()
         .volume
         .context("CreateVolume returned no volume")?
         .volume_id;
+    let created = start.elapsed();
     client.node.node_stage_volume(node.stage(&id)).await?;
-    let mut publish = node.publish(&id, &pod);
-    if let Some(token) = &token {
+    let staged = start.elapsed();
+    let mut publish = node.publish(&id, pod);
+    if let Some(token) = token {
         with_pod_token(
             &mut publish,
             token,
@@ -146,6 +146,37 @@ async fn lifecycle(
     }
     client.node.node_publish_volume(publish.clone()).await?;
     let ready = start.elapsed();
+    Ok((id, publish, [created, staged - created, ready - staged]))
+}
+
+/// A pod's token, as kubelet fetches one before the calls (None for unencrypted volumes).
+async fn pod_token(setup: &Setup) -> anyhow::Result<Option<String>> {
+    match &setup.azure {
+        Some(azure) => Ok(Some(azure.mint_token("cluster", "demo", "app").await?)),
+        None => Ok(None),
+    }
+}
+
+async fn lifecycle(
+    mut client: CsiClient,
+    node: Arc<ScratchNode>,
+    setup: Arc<Setup>,
+    name: String,
+    bytes: i64,
+) -> anyhow::Result<Lifecycle> {
+    let pod = format!("pod-{name}");
+    let token = pod_token(&setup).await?;
+    let (id, publish, steps) = make_ready(
+        &mut client,
+        &node,
+        &setup,
+        token.as_deref(),
+        &name,
+        &pod,
+        bytes,
+    )
+    .await?;
+    let ready = steps.iter().sum();
     let mut republish = Vec::with_capacity(setup.republishes);
     for _ in 0..setup.republishes {
         let start = Instant::now();
@@ -670,51 +701,25 @@ async fn scale(
         "sealvol bench: {} foreign mounts, then {} volumes of {} (keyMode {}) made ready one by one and kept published",
         args.foreign_mounts, args.volumes, args.size, args.key_mode
     );
-    let token = match &setup.azure {
-        Some(azure) => Some(azure.mint_token("cluster", "demo", "app").await?),
-        None => None,
-    };
-    let params: Vec<(&str, &str)> = setup
-        .params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let token = pod_token(&setup).await?;
     let mut ready_ms = Vec::with_capacity(args.volumes);
     // Per step (create, stage, publish), to see which one grows.
     let mut steps_ms: [Vec<f64>; 3] = Default::default();
     let mut published = Vec::with_capacity(args.volumes);
     for i in 0..args.volumes {
         let (name, pod) = (format!("scale-{i}"), format!("pod-scale-{i}"));
-        let start = Instant::now();
-        let id = client
-            .controller
-            .create_volume(requests::create(&name, bytes, &params))
-            .await?
-            .into_inner()
-            .volume
-            .context("CreateVolume returned no volume")?
-            .volume_id;
-        let created = start.elapsed();
-        client.node.node_stage_volume(node.stage(&id)).await?;
-        let staged = start.elapsed();
-        let mut publish = node.publish(&id, &pod);
-        if let Some(token) = &token {
-            with_pod_token(
-                &mut publish,
-                token,
-                "api://AzureADTokenExchange",
-                "demo",
-                "app",
-                true,
-            );
-        }
-        client.node.node_publish_volume(publish.clone()).await?;
-        let ready = start.elapsed();
-        ready_ms.push(ready.as_secs_f64() * 1000.0);
-        for (v, d) in steps_ms
-            .iter_mut()
-            .zip([created, staged - created, ready - staged])
-        {
+        let (id, publish, steps) = make_ready(
+            &mut client,
+            &node,
+            &setup,
+            token.as_deref(),
+            &name,
+            &pod,
+            bytes,
+        )
+        .await?;
+        ready_ms.push(steps.iter().sum::<Duration>().as_secs_f64() * 1000.0);
+        for (v, d) in steps_ms.iter_mut().zip(steps) {
             v.push(d.as_secs_f64() * 1000.0);
         }
         published.push((id, pod, publish));
