@@ -353,8 +353,14 @@ impl ScratchNode {
             .unwrap_or_default()
     }
 
-    fn cleanup(&mut self) {
+    /// A node reboot, as the driver sees one: the plugin is killed, and every mount and loop
+    /// device of this node goes away (the pool's files stay). Start the plugin again after.
+    pub fn reboot(&mut self) {
         self.kill();
+        self.release_mounts_and_loops();
+    }
+
+    fn release_mounts_and_loops(&mut self) {
         let mut mounts = self.mounts();
         // Deepest (and most recent) first.
         mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
@@ -366,6 +372,11 @@ impl ScratchNode {
                 let _ = dev.detach();
             }
         }
+    }
+
+    fn cleanup(&mut self) {
+        self.kill();
+        self.release_mounts_and_loops();
         for m in std::mem::take(&mut self.infra_mounts).iter().rev() {
             let _ = sys::unmount(m, true);
         }

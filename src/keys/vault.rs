@@ -126,16 +126,27 @@ impl KeyVault {
         let url = format!("{}/{object}?api-version={API_VERSION}", base(vault_url));
         let started = Instant::now();
         let response = self.http.get(&url).send().await.map_err(transport);
+        // A vault that is down or throttling answers without a challenge: that is trouble to
+        // wait out (the grace), not proof that this is no Key Vault.
+        let status = response.as_ref().map(|r| r.status().as_u16()).ok();
+        let transient = status.is_none_or(|s| matches!(s, 408 | 429 | 500..=599));
         crate::metrics::metrics().azure_call(
             "keyvault.challenge",
-            if response.is_ok() {
-                "ok"
-            } else {
-                "unavailable"
-            },
+            if transient { "unavailable" } else { "ok" },
             started.elapsed(),
         );
         let response = response?;
+        if transient
+            && response
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .is_none()
+        {
+            return Err(KeyError::Unavailable(format!(
+                "{vault_url} answered HTTP {} to the bearer-challenge probe",
+                response.status().as_u16()
+            )));
+        }
         let header = response
             .headers()
             .get(reqwest::header::WWW_AUTHENTICATE)
