@@ -299,15 +299,12 @@ impl ScratchNode {
             .unwrap_or_default()
     }
 
-    /// Loop devices over files of this scratch node: by the label its node plugin gives them,
-    /// by the backing file's identity (a file in the pool directory, or any file of the pool's
-    /// own filesystem when containerized), or by the path the kernel reports.
+    /// Loop devices over files of this scratch node: by the label its node plugin gives them
+    /// (which holds across mount namespaces and for removed files), by the backing file's
+    /// identity (a file in the pool directory), or by the path the kernel reports. Never by
+    /// filesystem alone: parallel tests share /tmp's.
     fn own_loops(&self) -> Vec<AttachedLoop> {
-        use std::os::unix::fs::MetadataExt;
         let root = format!("{}/", self.root.display());
-        let pool_dev = (!self.infra_mounts.is_empty())
-            .then(|| std::fs::metadata(&self.pool_dir).ok().map(|m| m.dev()))
-            .flatten();
         // The label the node plugin gives its loop devices (volume::loop_owner).
         let owner_label = std::fs::read_to_string(self.state_dir.join("loop-owner"))
             .ok()
@@ -329,7 +326,6 @@ impl ScratchNode {
                     .is_some_and(|o| l.label.starts_with(o))
                     || l.backing_file.starts_with(&root)
                     || pool_files.contains(&l.backing)
-                    || pool_dev == Some(l.backing.dev)
             })
             .collect()
     }

@@ -110,3 +110,38 @@ async fn damaged_volumes_are_reported_abnormal() {
     }
     assert_clean(&node);
 }
+
+/// The pool's filesystem unmounted (lazily: the loop device keeps it alive) under a published
+/// volume: reported, counted, and kubelet can still take the volume down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_pool_is_reported_and_its_volumes_can_be_taken_down() {
+    require_root();
+    let mut node = ScratchNode::new(&binary(), None)
+        .unwrap()
+        .pool_on_tmpfs(128 << 20)
+        .unwrap()
+        .with_args(&["--metrics-address=127.0.0.1:0"]);
+    let mut c = node.start(&[]).await.unwrap();
+    let (id, target) = ready(&node, &mut c, "pvc-away", 32 * MIB, "pod").await;
+    std::fs::write(format!("{target}/f"), b"still writable").unwrap();
+    nix::mount::umount2(&node.pool_dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let (abnormal, message) = condition(&mut c, &id, &target).await;
+    assert!(abnormal && message.contains("unreachable"), "{message}");
+    assert_eq!(abnormal_gauge(&node).await, "1");
+    c.node
+        .node_unpublish_volume(node.unpublish(&id, "pod"))
+        .await
+        .expect("unpublish with the pool gone");
+    c.node
+        .node_unstage_volume(node.unstage(&id))
+        .await
+        .expect("unstage with the pool gone");
+    delete(&mut c, &id).await.unwrap();
+    for _ in 0..100 {
+        if node.loop_devices().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_clean(&node);
+}

@@ -188,10 +188,19 @@ impl Manager {
         m.set_volumes("staged", staged);
         m.set_volumes("published", published);
         m.set_volumes_by_kek(&by_kek);
-        // Loop devices over removed backing files are volumes too, and the worst kind.
+        // Loop devices of ours whose file the pools no longer hold (removed, or the pool
+        // unmounted under them) are volumes too, and the worst kind.
+        let mut pool_files = std::collections::HashSet::new();
+        for (_, disk) in self.pools.disks() {
+            for id in disk.volume_ids()? {
+                if let Some(f) = sys::FileId::of(&disk.volume_path(&id))? {
+                    pool_files.insert(f);
+                }
+            }
+        }
         abnormal += loops
             .iter()
-            .filter(|l| self.attached_by_us(l) && l.backing_deleted())
+            .filter(|l| self.attached_by_us(l) && !pool_files.contains(&l.backing))
             .count() as i64;
         m.volumes_abnormal.set(abnormal);
         for pool in self.pools.all() {

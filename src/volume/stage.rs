@@ -126,9 +126,17 @@ impl Manager {
         self.unstage_at(&vol, &staging)
     }
 
+    /// Whether loop device `l` is one this plugin attached for volume `id`, whose file the
+    /// pools no longer hold (removed, or its pool unmounted or replaced): the caller found no
+    /// volume `id`.
+    fn is_orphan_of(&self, id: &VolumeId, l: &sys::AttachedLoop) -> bool {
+        self.attached_by_us(l) && l.backing_name() == format!("{id}.img")
+    }
+
     /// Unmounts `path` when it holds volume `id` after its backing file was removed from the
-    /// pool (by hand, or by something cleaning the disk), so that kubelet can still unpublish
-    /// and unstage it instead of leaving the pod stuck in Terminating. Whether it did.
+    /// pool or the pool became unreachable (by hand, or by something cleaning the disk), so
+    /// that kubelet can still unpublish and unstage it instead of leaving the pod stuck in
+    /// Terminating. Whether it did. Only called when no volume `id` is found.
     pub(super) fn release_orphaned_mount(
         &self,
         id: &VolumeId,
@@ -140,10 +148,7 @@ impl Manager {
         let Some(l) = sys::attached_with_dev(m.dev)? else {
             return Ok(false);
         };
-        if !(l.backing_deleted()
-            && self.attached_by_us(&l)
-            && l.backing_name() == format!("{id}.img"))
-        {
+        if !self.is_orphan_of(id, &l) {
             return Ok(false);
         }
         sys::unmount(path, false)?;
@@ -213,16 +218,20 @@ impl Manager {
             None => None,
         };
         let Some(vol) = self.load(id)? else {
-            return match device {
-                Some(l) if l.backing_deleted() && l.backing_name() == format!("{id}.img") => {
-                    Ok(VolumeStats {
-                        usage: Some(sys::statvfs(&path)?),
-                        abnormal: Some(format!(
+            return match device.filter(|l| self.is_orphan_of(id, l)) {
+                Some(l) => Ok(VolumeStats {
+                    usage: Some(sys::statvfs(&path)?),
+                    abnormal: Some(if l.backing_deleted() {
+                        format!(
                             "the backing file of volume {id} was removed from its pool while the volume is mounted: what is written now is lost when it is unmounted"
-                        )),
-                    })
-                }
-                _ => Err(not_found(id)),
+                        )
+                    } else {
+                        format!(
+                            "the pool of volume {id} is unreachable (its directory no longer holds the volume's file: unmounted or replaced under the mounted volume)"
+                        )
+                    }),
+                }),
+                None => Err(not_found(id)),
             };
         };
         let ours =
