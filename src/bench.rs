@@ -13,6 +13,8 @@ use sealvol::harness::{ScratchNode, requests};
 use sealvol::proto::csi::v1 as csi;
 use tokio::sync::Semaphore;
 
+mod chaos;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Lifecycles per phase.
@@ -50,6 +52,11 @@ pub struct BenchArgs {
     /// grows with the node's mounts and volumes.
     #[arg(long, default_value_t = 0)]
     foreign_mounts: usize,
+    /// Instead of lifecycles: run them for this long (e.g. 10m) with `--concurrency` workers
+    /// (at most 8) while the node plugin is killed and restarted at random moments, and check
+    /// every volume's data (`chaos.rs`).
+    #[arg(long, value_parser = crate::parse_duration)]
+    chaos: Option<Duration>,
     /// Instead of lifecycles: fio on a plain and an encrypted volume of the same pool
     /// (sequential 1 MiB and random 4 KiB, read and write); needs fio.
     #[arg(long)]
@@ -546,6 +553,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .params
         .push(("provisioning".to_string(), args.provisioning.clone()));
     let client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
+    if let Some(duration) = args.chaos {
+        return chaos::run(node, client, setup, &args, bytes, duration).await;
+    }
     if args.foreign_mounts > 0 {
         return scale(node, client, setup, &args, bytes).await;
     }

@@ -354,9 +354,11 @@ async fn capacity_counts_promises_and_topology() {
         0
     );
 
-    // 60% of the pool fits once, not twice: a sparse file still counts as promised.
+    // 60% of the pool fits once, not twice: a sparse (thin) file still counts as promised.
+    // (Thin, too, so that the test does not allocate 60% of the machine's disk.)
+    const THIN: &[(&str, &str)] = &[("keyMode", "none"), ("provisioning", "thin")];
     let big = (before.available_capacity / 100 * 60) / MIB * MIB;
-    create(&mut c, "pvc-big-1", big).await;
+    create_with(&mut c, "pvc-big-1", big, THIN).await;
     let after = cap(&mut c, None).await;
     assert!(
         after.available_capacity <= before.available_capacity - big,
@@ -364,7 +366,7 @@ async fn capacity_counts_promises_and_topology() {
     );
     let s = refused(
         c.controller
-            .create_volume(requests::create("pvc-big-2", big, NONE))
+            .create_volume(requests::create("pvc-big-2", big, THIN))
             .await,
     );
     assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
