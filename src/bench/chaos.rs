@@ -303,7 +303,7 @@ pub(super) async fn run(
         "lifecycles": shared.lifecycles.load(Ordering::Relaxed),
         "kills_survived": kills,
         "files_checked": checked,
-        "mib_checked": checked * FILE_BYTES as u64 >> 20,
+        "mib_checked": (checked * FILE_BYTES as u64) >> 20,
         "lost": shared.lost.load(Ordering::Relaxed),
         "errors": shared.errors.load(Ordering::Relaxed),
         "leaked_loop_devices": leaks.0,
