@@ -165,7 +165,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     steps.done(
         "CreateVolume (keyMode keyvault-key)",
         format!(
-            "{id}: {} MiB sparse file, no key yet",
+            "{id}: {} MiB file, its blocks reserved (thick), no key yet",
             volume.capacity_bytes >> 20
         ),
     );
@@ -184,7 +184,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     client.node.node_publish_volume(publish.clone()).await?;
     steps.done(
         "NodePublishVolume as demo/app",
-        "token -> Entra ID -> wrapKey -> fscrypt key, policy, bind",
+        "token -> Entra ID -> wrapKey, then the pod's own unwrapKey -> fscrypt key, policy, bind",
     );
 
     steps.begin();
