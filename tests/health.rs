@@ -1,6 +1,7 @@
 //! Honest volume health: NodeGetVolumeStats reports a volume abnormal, saying why, when its
 //! filesystem recorded errors, when its backing file was truncated or removed under it, and
-//! `sealvol_volumes_abnormal` counts such volumes. A volume whose backing file was removed can
+//! `sealvol_volumes_abnormal` counts such volumes, and a Warning event on the volume's claim
+//! says it once. A volume whose backing file was removed can
 //! still be unpublished and unstaged, so its pod does not hang in Terminating.
 
 #![allow(clippy::unwrap_used)]
@@ -38,8 +39,35 @@ async fn condition(c: &mut CsiClient, id: &str, path: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_volumes_are_reported_abnormal() {
-    let (node, mut c) = start_with(&["--metrics-address=127.0.0.1:0"], &[]).await;
-    let (errors, errors_target) = ready(&node, &mut c, "pvc-errors", 32 * MIB, "pod-e").await;
+    let (api, events) = event_sink().await;
+    // Removed on drop, also when the test fails.
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "driver-sa-token").unwrap();
+    let flags = [
+        "--metrics-address=127.0.0.1:0".to_string(),
+        format!("--kube-api-url={api}"),
+        format!("--kube-token-file={}", token.path().display()),
+    ];
+    let (node, mut c) =
+        start_with(&flags.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await;
+    // The damaged volume's claim, as external-provisioner's --extra-create-metadata names it.
+    let errors = create_with(
+        &mut c,
+        "pvc-errors",
+        32 * MIB,
+        &[
+            ("keyMode", "none"),
+            ("csi.storage.k8s.io/pvc/namespace", "default"),
+            ("csi.storage.k8s.io/pvc/name", "claim-e"),
+        ],
+    )
+    .await;
+    c.node.node_stage_volume(node.stage(&errors)).await.unwrap();
+    c.node
+        .node_publish_volume(node.publish(&errors, "pod-e"))
+        .await
+        .unwrap();
+    let errors_target = node.target_path("pod-e", &errors);
     let (cut, cut_target) = ready(&node, &mut c, "pvc-cut", 32 * MIB, "pod-c").await;
     let (gone, gone_target) = ready(&node, &mut c, "pvc-gone", 32 * MIB, "pod-g").await;
     for (id, target) in [
@@ -66,6 +94,35 @@ async fn damaged_volumes_are_reported_abnormal() {
     .unwrap();
     let (abnormal, message) = condition(&mut c, &errors, &errors_target).await;
     assert!(abnormal && message.contains("error"), "{message}");
+    // One Warning event on the claim when the damage is found, not one per stats call.
+    condition(&mut c, &errors, &errors_target).await;
+    let mut posted = Vec::new();
+    for _ in 0..50 {
+        posted = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "VolumeAbnormal")
+            .cloned()
+            .collect::<Vec<_>>();
+        if !posted.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let all: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "VolumeAbnormal")
+        .cloned()
+        .collect();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(posted[0]["involvedObject"]["name"], "claim-e");
+    assert_eq!(posted[0]["involvedObject"]["kind"], "PersistentVolumeClaim");
+    assert_eq!(posted[0]["type"], "Warning");
+    assert!(posted[0]["message"].as_str().unwrap().contains("error"));
 
     // The backing file truncated under the mounted volume.
     let file = node.pool_dir.join(format!("{cut}.img"));

@@ -10,28 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use sealvol_azure_emulator::RoleAssignment;
 
-/// A fake Kubernetes API that records the events posted to it.
-async fn event_sink() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = events.clone();
-    let app = axum::Router::new().route(
-        "/api/v1/namespaces/{ns}/events",
-        axum::routing::post(move |body: String| {
-            let sink = sink.clone();
-            async move {
-                sink.lock()
-                    .unwrap()
-                    .push(serde_json::from_str::<serde_json::Value>(&body).unwrap());
-                axum::http::StatusCode::CREATED
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, events)
-}
-
 /// The value of the series whose line starts with `prefix` (labels included).
 fn value(text: &str, prefix: &str) -> f64 {
     text.lines()

@@ -63,6 +63,8 @@ pub(crate) struct Manager {
     pub(super) release: KeyRelease,
     /// Per live publication: its pod, when it was last authorized, whether it is refused.
     pub(super) authorizations: Authorizations,
+    /// The volumes last found abnormal, so a damage is evented once, when it is found.
+    pub(super) abnormal: Mutex<std::collections::HashSet<VolumeId>>,
 }
 
 pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -139,6 +141,7 @@ impl Manager {
             placement: Mutex::new(()),
             release,
             authorizations,
+            abnormal: Mutex::new(std::collections::HashSet::new()),
         }
     }
 

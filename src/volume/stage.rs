@@ -247,14 +247,34 @@ impl Manager {
             });
         };
         let published = mounted.is_some_and(|m| m.ino != EXT4_ROOT_INO);
+        let abnormal = self.health(&vol, &device, &path, published)?;
+        self.abnormal_transition(&vol, abnormal.as_deref());
         Ok(VolumeStats {
             usage: Some(sys::statvfs(&path)?),
-            abnormal: self.health(&vol, &device, &path, published)?,
+            abnormal,
         })
     }
 }
 
 impl Manager {
+    /// Logs and events (on the volume's PVC or pod) a volume found abnormal, once when it is
+    /// found, not at every NodeGetVolumeStats: kubelet's volume-health reading is alpha, so
+    /// this, the metric and the log are what an operator sees.
+    fn abnormal_transition(&self, vol: &Volume, abnormal: Option<&str>) {
+        let mut seen = self.abnormal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(why) = abnormal else {
+            seen.remove(&vol.id);
+            return;
+        };
+        if !seen.insert(vol.id.clone()) {
+            return;
+        }
+        tracing::error!(volume.id = %vol.id, reason = %why, "volume abnormal");
+        if let Some(owner) = &vol.record.owner {
+            self.release.event(owner, "Warning", "VolumeAbnormal", why);
+        }
+    }
+
     /// What is wrong with a mounted volume, in words an operator can act on; None when
     /// nothing is. `path` is a mount of it; `published` says it is a pod's (its key belongs
     /// in the kernel then).

@@ -213,3 +213,29 @@ pub async fn available_capacity(c: &CsiClient) -> i64 {
         .into_inner()
         .available_capacity
 }
+
+/// A fake Kubernetes API that records the events posted to it.
+#[allow(dead_code)]
+pub async fn event_sink() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/{ns}/events",
+        axum::routing::post(move |body: String| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str::<serde_json::Value>(&body).unwrap());
+                axum::http::StatusCode::CREATED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, events)
+}
