@@ -145,12 +145,18 @@ impl Manager {
         let table = MountTable::read()?;
         let (mut created, mut staged, mut published, mut abnormal) = (0, 0, 0, 0);
         let mut by_kek = std::collections::BTreeMap::new();
+        let mut pool_files = std::collections::HashSet::new();
         for (_, disk) in self.pools.disks() {
             for id in disk.volume_ids()? {
-                if let Some(kms) = VolumeId::parse(&id)
+                // By identity: the path a loop device reports is its attacher's.
+                let Some(backing) = sys::FileId::of(&disk.volume_path(&id))? else {
+                    continue;
+                };
+                pool_files.insert(backing);
+                let vol = VolumeId::parse(&id)
                     .ok()
-                    .and_then(|id| self.load(&id).ok().flatten())
-                    .and_then(|vol| vol.record.kms)
+                    .and_then(|id| self.load(&id).ok().flatten());
+                if let Some(kms) = vol.as_ref().and_then(|v| v.record.kms.as_ref())
                     && let Some(wrapped) = &kms.wrapped
                 {
                     let vault = url::Url::parse(&kms.vault_url)
@@ -162,14 +168,10 @@ impl Manager {
                         .entry((kek, wrapped.kek_version.clone()))
                         .or_insert(0) += 1;
                 }
-                // By identity: the path a loop device reports is its attacher's.
-                let backing = sys::FileId::of(&disk.volume_path(&id))?;
-                let device = loops.iter().find(|l| Some(l.backing) == backing);
-                if let Some(l) = device
-                    && let Ok(id) = VolumeId::parse(&id)
-                    && let Some(vol) = self.load(&id).ok().flatten()
+                let device = loops.iter().find(|l| l.backing == backing);
+                if let (Some(l), Some(vol)) = (device, &vol)
                     && self
-                        .health(&vol, l, Path::new("/"), false)
+                        .health(vol, l, Path::new("/"), false)
                         .ok()
                         .flatten()
                         .is_some()
@@ -190,14 +192,6 @@ impl Manager {
         m.set_volumes_by_kek(&by_kek);
         // Loop devices of ours whose file the pools no longer hold (removed, or the pool
         // unmounted under them) are volumes too, and the worst kind.
-        let mut pool_files = std::collections::HashSet::new();
-        for (_, disk) in self.pools.disks() {
-            for id in disk.volume_ids()? {
-                if let Some(f) = sys::FileId::of(&disk.volume_path(&id))? {
-                    pool_files.insert(f);
-                }
-            }
-        }
         abnormal += loops
             .iter()
             .filter(|l| self.attached_by_us(l) && !pool_files.contains(&l.backing))
