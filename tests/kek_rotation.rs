@@ -55,6 +55,20 @@ async fn publish_and_read(
     );
 }
 
+/// Stages and publishes as the app at pod "a", and writes the file the checks read back.
+async fn stage_publish_and_write(node: &ScratchNode, c: &mut CsiClient, azure: &Azure, id: &str) {
+    c.node.node_stage_volume(node.stage(id)).await.unwrap();
+    c.node
+        .node_publish_volume(publish_as(node, id, "a", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    std::fs::write(
+        format!("{}/f", node.target_path("a", id)),
+        b"before rotation",
+    )
+    .unwrap();
+}
+
 /// Unpublishes, unstages and stages again, so the next publish must unwrap from the header.
 async fn cycle(node: &ScratchNode, c: &mut CsiClient, id: &str, pod: &str) {
     c.node
@@ -75,16 +89,7 @@ async fn a_rotated_kek_is_adopted_on_reauthorization_and_the_old_version_can_go(
     .await;
     let base = format!("http://{}", metrics_address(&node.log()));
     let id = create_encrypted(&mut c, &azure, "pvc-rotate", "keyvault-key").await;
-    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
-    c.node
-        .node_publish_volume(publish_as(&node, &id, "a", &azure.token("app"), "app"))
-        .await
-        .unwrap();
-    std::fs::write(
-        format!("{}/f", node.target_path("a", &id)),
-        b"before rotation",
-    )
-    .unwrap();
+    stage_publish_and_write(&node, &mut c, &azure, &id).await;
     let v1 = kek_version(&node, &id);
     assert_eq!(by_version(&base).await, [(v1.clone(), 1)].into());
 
@@ -123,16 +128,7 @@ async fn a_new_secret_version_is_adopted_and_a_pinned_key_stays() {
 
     // keyvault-secret: a new secret version is the rotation.
     let id = create_encrypted(&mut c, &azure, "pvc-secret-rotate", "keyvault-secret").await;
-    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
-    c.node
-        .node_publish_volume(publish_as(&node, &id, "a", &azure.token("app"), "app"))
-        .await
-        .unwrap();
-    std::fs::write(
-        format!("{}/f", node.target_path("a", &id)),
-        b"before rotation",
-    )
-    .unwrap();
+    stage_publish_and_write(&node, &mut c, &azure, &id).await;
     let old = kek_version(&node, &id);
     let new = azure
         .emu
@@ -158,16 +154,7 @@ async fn a_new_secret_version_is_adopted_and_a_pinned_key_stays() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let id = create_with(&mut c, "pvc-pinned", 32 * MIB, &refs).await;
-    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
-    c.node
-        .node_publish_volume(publish_as(&node, &id, "a", &azure.token("app"), "app"))
-        .await
-        .unwrap();
-    std::fs::write(
-        format!("{}/f", node.target_path("a", &id)),
-        b"before rotation",
-    )
-    .unwrap();
+    stage_publish_and_write(&node, &mut c, &azure, &id).await;
     azure.emu.rotate_key("kv", "kek").unwrap();
     publish_and_read(&node, &mut c, &azure, &id, "a").await;
     assert_eq!(kek_version(&node, &id), pinned);
