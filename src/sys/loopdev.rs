@@ -110,21 +110,13 @@ pub(crate) struct AttachedLoop {
     /// The label its attacher gave it (`lo_file_name`; see `LoopDevice::attach`); empty when
     /// none, or when `losetup` put a path there.
     pub(crate) label: String,
+    /// The loop device's own block device number: the `st_dev` of a filesystem on it.
+    pub(crate) dev: u64,
 }
 
 impl AttachedLoop {
     pub(crate) fn device_path(&self) -> PathBuf {
         device_path(self.number)
-    }
-
-    /// The block device number of the loop device: the `st_dev` of a filesystem on it.
-    pub(crate) fn dev(&self) -> Result<u64, SysError> {
-        let path = format!("/sys/block/loop{}/dev", self.number);
-        let text = std::fs::read_to_string(&path).map_err(|e| SysError::io("read", &path, e))?;
-        text.trim()
-            .split_once(':')
-            .and_then(|(a, b)| Some(libc::makedev(a.parse().ok()?, b.parse().ok()?)))
-            .ok_or_else(|| SysError::io("parse", &path, std::io::Error::other(text.clone())))
     }
 
     /// Whether the backing file has been unlinked (it lives on while the device holds it).
@@ -425,12 +417,18 @@ fn read_attached(number: u32, reported: String) -> Result<Option<AttachedLoop>, 
     let Some(device) = open_device(number, false)? else {
         return Ok(None);
     };
+    // fstat of the fd already open: no sysfs read for the device number.
+    let dev = device
+        .metadata()
+        .map_err(|e| SysError::io("fstat", device_path(number), e))?
+        .rdev();
     Ok(status(&device, number)?.map(|s| AttachedLoop {
         number,
         backing: s.backing,
         offset: s.offset,
         backing_file: reported,
         label: s.label,
+        dev,
     }))
 }
 

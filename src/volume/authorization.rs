@@ -25,7 +25,7 @@ use super::id::VolumeId;
 use super::params::OnRevoke;
 use super::publish::PublishRequest;
 use super::release::{self, PodAuth, Principal};
-use super::{Manager, Volume, VolumeError, io_err, write_header};
+use super::{Manager, Volume, VolumeError, io_err, with_header_saves};
 use crate::crypt;
 use crate::keys::Dek;
 use crate::sys::{self, AttachedLoop};
@@ -160,7 +160,7 @@ impl Authorizations {
 
 /// The live publications only: entries whose target no longer holds this volume are dropped.
 fn live(publications: Publications, device: &AttachedLoop) -> Result<Publications, VolumeError> {
-    let dev = device.dev()?;
+    let dev = device.dev;
     let mut out = Publications::new();
     for (target, p) in publications {
         if super::mounted_here(&target, dev)? == super::MountedHere::Data {
@@ -215,33 +215,20 @@ impl Manager {
         if let Some((t, p)) = refused_other(&publications, target) {
             return Err(locked_by(&vol.id, t, p));
         }
-        let generation = vol.generation;
-        let (id, file) = (vol.id.clone(), vol.file.path.clone());
-        let mut saved_generation = None;
-        let released = self
-            .release
-            .principal(
-                vol.record.kms.as_ref().ok_or_else(|| no_kms(&vol.id))?,
-                &req.auth,
-            )
-            .and_then(|principal| {
-                let first = vol.record.kms.as_ref().is_some_and(|k| k.wrapped.is_none());
-                let dek = self.release.release(
-                    &id,
-                    &mut vol.record,
-                    &req.auth,
-                    &principal,
-                    false,
-                    |record| {
-                        saved_generation = Some(write_header(&id, &file, record, generation)?);
-                        Ok(())
-                    },
-                )?;
+        let principal = self.release.principal(
+            vol.record.kms.as_ref().ok_or_else(|| no_kms(&vol.id))?,
+            &req.auth,
+        );
+        let id = vol.id.clone();
+        let released = principal.and_then(|principal| {
+            with_header_saves(vol, |record, save| {
+                let first = record.kms.as_ref().is_some_and(|k| k.wrapped.is_none());
+                let dek = self
+                    .release
+                    .release(&id, record, &req.auth, &principal, false, save)?;
                 Ok((dek, principal, first))
-            });
-        if let Some(g) = saved_generation {
-            vol.generation = g;
-        }
+            })
+        });
         let kms = vol.record.kms.clone();
         match released {
             Ok((dek, principal, first)) => {
@@ -387,13 +374,12 @@ impl Manager {
             return self.release.confirm(&vol.id, &vol.record, auth, &principal);
         }
         let start = Instant::now();
-        let (id, file, generation) = (vol.id.clone(), vol.file.path.clone(), vol.generation);
+        let id = vol.id.clone();
         let released = principal.and_then(|principal| {
-            let dek =
+            let dek = with_header_saves(vol, |record, save| {
                 self.release
-                    .release(&id, &mut vol.record, auth, &principal, true, |record| {
-                        write_header(&id, &file, record, generation).map(|_| ())
-                    })?;
+                    .release(&id, record, auth, &principal, true, save)
+            })?;
             Ok((dek, principal))
         });
         match released {
@@ -543,17 +529,11 @@ impl Manager {
     /// KEK rotation, on a due re-authorization (so that a first publish stays at two Key Vault
     /// calls): best effort, the old wrap stays valid when it fails.
     fn rewrap(&self, vol: &mut Volume, dek: &Dek, auth: &PodAuth, principal: &Principal) {
-        let (id, file, generation) = (vol.id.clone(), vol.file.path.clone(), vol.generation);
-        let mut saved = None;
-        let result =
+        let id = vol.id.clone();
+        let result = with_header_saves(vol, |record, save| {
             self.release
-                .rewrap_if_rotated(&id, &mut vol.record, dek, auth, principal, |record| {
-                    saved = Some(write_header(&id, &file, record, generation)?);
-                    Ok(())
-                });
-        if let Some(g) = saved {
-            vol.generation = g;
-        }
+                .rewrap_if_rotated(&id, record, dek, auth, principal, save)
+        });
         if let Err(e) = result {
             tracing::warn!(volume.id = %vol.id, error = %e, "the DEK could not be re-wrapped under the KEK's current version; the old wrap stays");
         }

@@ -201,8 +201,31 @@ impl Manager {
     }
 }
 
+/// Runs `f` with the volume's record and a `save` that writes a record as the next header
+/// generation, for calls that change the record and persist it themselves (key release,
+/// re-wrap); `vol.generation` follows every write, so a later save never reuses a slot.
+pub(super) fn with_header_saves<T>(
+    vol: &mut Volume,
+    f: impl FnOnce(&mut VolumeRecord, &dyn Fn(&VolumeRecord) -> Result<(), VolumeError>) -> T,
+) -> T {
+    let Volume {
+        id,
+        file,
+        record,
+        generation,
+    } = vol;
+    let current = std::cell::Cell::new(*generation);
+    let save = |r: &VolumeRecord| -> Result<(), VolumeError> {
+        current.set(write_header(id, &file.path, r, current.get())?);
+        Ok(())
+    };
+    let out = f(record, &save);
+    *generation = current.get();
+    out
+}
+
 /// Writes `record` as the next header generation and syncs it; returns the new generation.
-pub(super) fn write_header(
+fn write_header(
     id: &VolumeId,
     path: &Path,
     record: &VolumeRecord,

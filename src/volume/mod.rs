@@ -25,7 +25,7 @@ pub(crate) use error::VolumeError;
 pub(crate) use id::VolumeId;
 use manager::{
     EXT4_ROOT_INO, INLINE_DIR, MountedHere, Volume, invalid, io_err, is_data_mount_of,
-    is_fs_mount_of, mounted_here, not_found, now_unix, publications, staged_at, write_header,
+    is_fs_mount_of, mounted_here, not_found, now_unix, publications, staged_at, with_header_saves,
 };
 pub(crate) use manager::{Manager, NodeSettings, TOPOLOGY_KEY, loop_owner};
 pub(crate) use params::parse_size;

@@ -70,12 +70,13 @@ impl Manager {
         target: &Path,
         req: &PublishRequest,
     ) -> Result<(), VolumeError> {
+        let here = mounted_here(target, device.dev)?;
         if vol.record.key_mode == KeyMode::None {
-            return self.bind_at(vol, device, staging, target, req);
+            return self.bind_at(vol, device, here, staging, target, req);
         }
-        if mounted_here(target, device.dev()?)? == MountedHere::Data {
+        if here == MountedHere::Data {
             self.reauthorize(vol, device, staging, target, req)?;
-            return self.bind_at(vol, device, staging, target, req);
+            return self.bind_at(vol, device, here, staging, target, req);
         }
         // 1. Authorize.
         let (dek, _principal) = self.authorize_first_publish(vol, device, target, req)?;
@@ -94,7 +95,7 @@ impl Manager {
             self.save(vol)?;
         }
         // 3. Bind.
-        match self.bind_at(vol, device, staging, target, req) {
+        match self.bind_at(vol, device, here, staging, target, req) {
             Ok(()) => self.publication_started(&vol.id, target, &req.auth),
             Err(e) => {
                 // Nothing is published: the key goes again.
@@ -107,16 +108,20 @@ impl Manager {
         }
     }
 
+    /// Binds `data/` at `target`, whose mount state the caller found (`here`, under the
+    /// volume's guard); a publication already there is done, or finished if a crash came
+    /// between its bind and its read-only remount.
     pub(super) fn bind_at(
         &self,
         vol: &Volume,
         device: &AttachedLoop,
+        here: MountedHere,
         staging: &Path,
         target: &Path,
         req: &PublishRequest,
     ) -> Result<(), VolumeError> {
         let read_only = req.read_only || req.capability.access_mode.read_only();
-        match mounted_here(target, device.dev()?)? {
+        match here {
             MountedHere::Data => {
                 if sys::is_read_only(target)? == read_only {
                     tracing::debug!(volume.id = %vol.id, "already published");
