@@ -3,7 +3,9 @@
 
 mod device;
 mod error;
+mod loops;
 mod pools;
 
 pub(crate) use error::PoolError;
+pub(crate) use loops::LoopIndex;
 pub(crate) use pools::{Disk, PoolSpec, Pools, VolumeFile, valid_pool_name};

@@ -185,16 +185,20 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// The disk with the most promisable space, if it can hold `bytes`.
-    pub(crate) fn place(&self, bytes: u64) -> Result<Option<&Disk>, SysError> {
+    /// The disk with the most promisable space, if it can hold `bytes`, and the pool's
+    /// promisable space summed (for the message when none can): one pass over the disks.
+    pub(crate) fn place(&self, bytes: u64) -> Result<(Option<&Disk>, u64), SysError> {
         let mut best: Option<(&Disk, u64)> = None;
+        let mut free_sum = 0;
         for disk in &self.disks {
             let free = disk.space()?.promisable_bytes;
+            free_sum += free;
             if best.is_none_or(|(_, b)| free > b) {
                 best = Some((disk, free));
             }
         }
-        Ok(best.filter(|(_, free)| *free >= bytes).map(|(d, _)| d))
+        let disk = best.filter(|(_, free)| *free >= bytes).map(|(d, _)| d);
+        Ok((disk, free_sum))
     }
 
     /// Total size, promisable space summed, and the largest promisable space on one disk

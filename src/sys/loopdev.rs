@@ -239,6 +239,10 @@ impl LoopDevice {
         device_path(self.number)
     }
 
+    pub(crate) fn number(&self) -> u32 {
+        self.number
+    }
+
     /// Re-reads the backing file's size after it has grown (`LOOP_SET_CAPACITY`).
     pub(crate) fn refresh_capacity(&self) -> Result<(), SysError> {
         // SAFETY: LOOP_SET_CAPACITY takes no argument; the fd is an open loop device.
@@ -466,39 +470,15 @@ pub(crate) fn attached_with_dev(dev: u64) -> Result<Option<AttachedLoop>, SysErr
     else {
         return Ok(None);
     };
+    attached_number(number)
+}
+
+/// Loop device `number` and what it is bound to; None when it is not bound.
+pub(crate) fn attached_number(number: u32) -> Result<Option<AttachedLoop>, SysError> {
     match reported_backing(number)? {
         Some(reported) => read_attached(number, reported),
         None => Ok(None),
     }
-}
-
-/// The loop device that currently backs the file at `backing`, if any, matched by the file's
-/// identity (`stat(2)`'s device and inode), so a device attached through another mount
-/// namespace's path is found too. None when the file does not exist.
-///
-/// Only devices whose reported backing path ends in the same file name are opened to compare
-/// identities: the name is the one part of the reported path that does not depend on the
-/// attacher's mount namespace (it follows renames; a hard link under another name is not
-/// found).
-pub(crate) fn find_loop_for(backing: &Path) -> Result<Option<AttachedLoop>, SysError> {
-    let Some(wanted) = FileId::of(backing)? else {
-        return Ok(None);
-    };
-    let name = backing
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    for (number, reported) in bound_numbers()? {
-        if reported_name(&reported) != name {
-            continue;
-        }
-        if let Some(att) = read_attached(number, reported)?
-            && att.backing == wanted
-        {
-            return Ok(Some(att));
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]
@@ -535,7 +515,7 @@ mod tests {
     }
 
     /// A device attached through another path (a bind mount in a private mount namespace
-    /// that is gone by now) is found by the file's identity, and open_existing accepts it.
+    /// that is gone by now) reports the file's identity, and open_existing accepts it.
     #[test]
     fn found_by_identity_across_mount_namespaces() {
         assert!(root(), "this test needs root (loop devices, mounts)");
@@ -566,9 +546,7 @@ mod tests {
             .and_then(|n| n.parse().ok())
             .expect("a loop device");
         let detach = Detach(number);
-        let found = find_loop_for(&file)
-            .expect("lookup")
-            .expect("found by identity");
+        let found = attached_number(number).expect("lookup").expect("bound");
         assert_eq!(found.number, number);
         assert_eq!(found.offset, 1 << 20);
         assert_eq!(Some(found.backing), FileId::of(&file).expect("stat"));
@@ -596,7 +574,6 @@ mod tests {
                 .expect("open")
                 .is_none()
         );
-        assert!(find_loop_for(&other).expect("lookup").is_none());
         drop(detach);
     }
 
@@ -622,7 +599,9 @@ mod tests {
         assert!(LoopDevice::attach(&file, 1 << 20, &too_long).is_err());
         let label = format!("sealvol:{}", "0123456789abcdef");
         let device = LoopDevice::attach(&file, 1 << 20, &label).expect("attach");
-        let found = find_loop_for(&file).expect("lookup").expect("found");
+        let found = attached_number(device.number)
+            .expect("lookup")
+            .expect("bound");
         assert_eq!(found.number, device.number);
         assert_eq!(found.offset, 1 << 20);
         assert_eq!(found.label, label);

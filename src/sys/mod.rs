@@ -25,7 +25,7 @@ pub(crate) use fscrypt::{
 pub(crate) use keymem::{KeyBytes, init_key_memory};
 pub use keymem::{KeyMemory, ZeroOnFree};
 pub(crate) use loopdev::{
-    AttachedLoop, FileId, LoopDevice, attached_loops, attached_with_dev, find_loop_for,
+    AttachedLoop, FileId, LoopDevice, attached_loops, attached_number, attached_with_dev,
 };
 pub(crate) use mount::{
     MountFlags, bind_mount, is_read_only, mount_fs, mount_root_at, remount_bind_readonly, unmount,

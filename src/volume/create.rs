@@ -76,8 +76,8 @@ impl Manager {
 
         let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
         let file_bytes = HEADER_BYTES + capacity;
-        let (_, free, _) = pool.space()?;
-        let disk = pool.place(file_bytes)?.ok_or_else(|| {
+        let (disk, free) = pool.place(file_bytes)?;
+        let disk = disk.ok_or_else(|| {
             VolumeError::ResourceExhausted(format!(
                 "pool {} cannot hold {capacity} bytes: the largest free space on one of its disks is less (free in the pool: {free} bytes, counting space promised to existing volumes)",
                 pool.name

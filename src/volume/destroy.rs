@@ -20,7 +20,7 @@ impl Manager {
     /// FAILED_PRECONDITION when the volume is mounted anywhere on this node; otherwise frees a
     /// loop device left without a mount.
     pub(super) fn ensure_unused(&self, vol: &Volume) -> Result<(), VolumeError> {
-        if let Some(l) = sys::find_loop_for(&vol.file.path)? {
+        if let Some(l) = self.loops.find(&vol.file.path)? {
             let table = MountTable::read()?;
             let dev = l.device_path().to_string_lossy().into_owned();
             let mounts: Vec<String> = table
@@ -43,7 +43,7 @@ impl Manager {
     pub(super) fn release_loop(&self, vol: &Volume) -> Result<(), VolumeError> {
         let deadline = std::time::Instant::now() + LOOP_RELEASE_WAIT;
         loop {
-            let Some(l) = sys::find_loop_for(&vol.file.path)? else {
+            let Some(l) = self.loops.find(&vol.file.path)? else {
                 return Ok(());
             };
             let table = MountTable::read()?;
@@ -51,8 +51,9 @@ impl Manager {
             if table.of_source(&dev).next().is_some() {
                 return Ok(());
             }
-            if let Some(handle) = LoopDevice::open_existing(l.number, &vol.file.path)? {
+            if let Some(handle) = LoopDevice::open_bound_to(l.number, l.backing)? {
                 handle.detach()?;
+                self.loops.forget(l.backing, l.number);
             }
             if std::time::Instant::now() > deadline {
                 return Err(VolumeError::FailedPrecondition(format!(

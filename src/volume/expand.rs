@@ -30,7 +30,9 @@ impl Manager {
         let _guard = self.lock(id)?;
         let mut vol = self.load(id)?.ok_or_else(|| not_found(id))?;
         let table = MountTable::read()?;
-        let device = sys::find_loop_for(&vol.file.path)?
+        let device = self
+            .loops
+            .find(&vol.file.path)?
             .filter(|l| {
                 table
                     .at(&path)

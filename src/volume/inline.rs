@@ -83,7 +83,9 @@ impl Manager {
 
     fn has_publications(&self, vol: &Volume) -> Result<bool, VolumeError> {
         let table = sys::MountTable::read()?;
-        Ok(sys::find_loop_for(&vol.file.path)?
+        Ok(self
+            .loops
+            .find(&vol.file.path)?
             .is_some_and(|l| publications(&table, &l).next().is_some()))
     }
 
@@ -153,7 +155,7 @@ impl Manager {
     ) -> Result<Volume, VolumeError> {
         let pool = self.pools.get(params.pool.as_deref())?;
         let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
-        let disk = pool.place(HEADER_BYTES + size)?.ok_or_else(|| {
+        let disk = pool.place(HEADER_BYTES + size)?.0.ok_or_else(|| {
             VolumeError::ResourceExhausted(format!(
                 "pool {} cannot hold an inline volume of {size} bytes",
                 pool.name

@@ -14,7 +14,7 @@ use super::id::VolumeId;
 use super::lock::{VolumeGuard, VolumeLocks};
 use super::release::KeyRelease;
 use crate::crypt;
-use crate::pool::{Pools, VolumeFile};
+use crate::pool::{LoopIndex, Pools, VolumeFile};
 use crate::sys::{self, AttachedLoop, MountTable, SysError, Tools};
 
 /// The topology segment key that pins a volume to the node whose disk holds it.
@@ -65,6 +65,8 @@ pub(crate) struct Manager {
     pub(super) authorizations: Authorizations,
     /// The volumes last found abnormal, so a damage is evented once, when it is found.
     pub(super) abnormal: Mutex<std::collections::HashSet<VolumeId>>,
+    /// Which loop device backs each volume file, so a lookup opens one device, not all.
+    pub(super) loops: LoopIndex,
 }
 
 pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -142,6 +144,7 @@ impl Manager {
             release,
             authorizations,
             abnormal: Mutex::new(std::collections::HashSet::new()),
+            loops: LoopIndex::default(),
         }
     }
 

@@ -189,7 +189,10 @@ impl Manager {
                     target.display()
                 )));
             };
-            let ours = sys::find_loop_for(&vol.file.path)?.is_some_and(|l| is_data_mount_of(m, &l));
+            let ours = self
+                .loops
+                .find(&vol.file.path)?
+                .is_some_and(|l| is_data_mount_of(m, &l));
             if !ours {
                 return Err(VolumeError::FailedPrecondition(format!(
                     "target_path {} holds a mount ({}) that is not volume {id}",
@@ -211,7 +214,7 @@ impl Manager {
         }
         let Some(vol) = vol else { return Ok(()) };
         let table = MountTable::read()?;
-        let device = sys::find_loop_for(&vol.file.path)?;
+        let device = self.loops.find(&vol.file.path)?;
         let still_published = device
             .as_ref()
             .is_some_and(|l| publications(&table, l).next().is_some());

@@ -132,6 +132,7 @@ impl Manager {
             }
             if let Some(handle) = LoopDevice::open_bound_to(l.number, backing)? {
                 handle.detach()?;
+                self.loops.forget(backing, l.number);
             }
             report.detached_orphan_loops += 1;
             tracing::warn!(device = %dev, backing = %what, "released a loop device that belonged to no volume");

@@ -75,7 +75,7 @@ impl Manager {
                 at.display(),
             )));
         }
-        let attached = sys::find_loop_for(&vol.file.path)?;
+        let attached = self.loops.find(&vol.file.path)?;
         if let Some(l) = &attached
             && let table = MountTable::read()?
             && let Some(other) = table.entries().iter().find(|m| is_fs_mount_of(m, l))
@@ -92,7 +92,13 @@ impl Manager {
         };
         let device = match device {
             Some(d) => d,
-            None => LoopDevice::attach(&vol.file.path, HEADER_BYTES, &self.loop_label())?,
+            None => {
+                let device = LoopDevice::attach(&vol.file.path, HEADER_BYTES, &self.loop_label())?;
+                if let Some(file) = sys::FileId::of(&vol.file.path)? {
+                    self.loops.attached(file, device.number());
+                }
+                device
+            }
         };
         crash::point("stage.attached");
         if !vol.record.formatted {
@@ -162,7 +168,7 @@ impl Manager {
             tracing::debug!(volume.id = %vol.id, "already unstaged");
             return self.release_loop(vol);
         };
-        let attached = sys::find_loop_for(&vol.file.path)?;
+        let attached = self.loops.find(&vol.file.path)?;
         let Some(l) = attached.filter(|l| is_fs_mount_of(m, l)) else {
             return Err(VolumeError::FailedPrecondition(format!(
                 "{} holds a mount ({}) that is not volume {}",
