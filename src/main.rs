@@ -1,5 +1,6 @@
-//! The `sealvol` binary: `node` runs the CSI plugin, `bench` measures it, `demo` walks one
-//! volume through its life. This is the only place that uses anyhow.
+//! The `sealvol` binary: `node` runs the CSI plugin, `cleanup` the controller that releases
+//! the PVs no node can serve, `bench` measures the plugin, `demo` walks one volume through its
+//! life. This is the only place that uses anyhow.
 
 mod bench;
 mod demo;
@@ -42,10 +43,44 @@ enum LogFormat {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services on a unix socket.
     Node(Box<NodeArgs>),
+    /// Release the PersistentVolumes no node can serve any more (node gone, or its pool wiped):
+    /// one leader-elected replica per cluster.
+    Cleanup(CleanupArgs),
     /// Benchmark full volume lifecycles against a node plugin on a temporary loop-file pool.
     Bench(bench::BenchArgs),
     /// Walk one volume through create, stage, publish, write, unpublish, unstage and delete.
     Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// The CSIDriver name: only PVs of this driver are touched.
+    #[arg(long, default_value = "sealvol.csi.io")]
+    driver_name: String,
+    /// How often nodes and PVs are listed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    interval: std::time::Duration,
+    /// How long a node must be missing before the PVs pinned to it are released.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    node_gone_grace: std::time::Duration,
+    /// The namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: String,
+    #[arg(long, default_value = "sealvol-cleanup")]
+    lease_name: String,
+    /// How long a holder's lease lasts without renewal (renewed every 5 s).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: std::time::Duration,
+    /// This replica's name as lease holder.
+    #[arg(long, env = "POD_NAME")]
+    identity: String,
+    /// The API server (default: in-cluster).
+    #[arg(long)]
+    kube_api_url: Option<String>,
+    #[arg(long)]
+    kube_token_file: Option<PathBuf>,
+    #[arg(long)]
+    kube_ca_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -233,6 +268,29 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Cleanup(a) => {
+            init_logging(cli.log_format, &cli.log_level)?;
+            if a.interval.is_zero() {
+                anyhow::bail!("--interval must be more than 0");
+            }
+            if a.lease_duration < std::time::Duration::from_secs(1) {
+                anyhow::bail!("--lease-duration must be at least 1s");
+            }
+            let cfg = sealvol::CleanupConfig {
+                driver_name: a.driver_name,
+                interval: a.interval,
+                node_gone_grace: a.node_gone_grace,
+                lease_namespace: a.lease_namespace,
+                lease_name: a.lease_name,
+                lease_duration: a.lease_duration,
+                identity: a.identity,
+                kube_api_url: a.kube_api_url,
+                kube_token_file: a.kube_token_file,
+                kube_ca_file: a.kube_ca_file,
+            };
+            runtime.block_on(sealvol::run_cleanup(cfg, shutdown_signal()))?;
             Ok(())
         }
         Command::Bench(a) => runtime.block_on(bench::run(a)),

@@ -191,6 +191,47 @@ fn kube_api(cfg: &NodeConfig) -> Result<Option<Arc<KubeApi>>, StartError> {
     Ok(api)
 }
 
+/// In the background, once: marks lost the PVs that place a volume on this node which its
+/// pools do not hold (a wiped disk). Retried a few times while the API does not answer; the
+/// node serves meanwhile, and without the check if it never answers.
+fn spawn_lost_volume_check(manager: Arc<Manager>, driver: String) {
+    let Some(api) = manager.kube_api() else {
+        tracing::info!("no Kubernetes API client: PVs whose volumes this node lost are not marked");
+        return;
+    };
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(2);
+        for attempt in 1..=5 {
+            let node = manager.node_id().to_string();
+            let result = crate::cluster::mark_lost_volumes(
+                &api,
+                &driver,
+                &node,
+                |id| manager.holds_volume(id),
+                manager.pools_empty(),
+            )
+            .await;
+            match result {
+                Ok(lost) => {
+                    tracing::info!(
+                        lost = lost.len(),
+                        "checked this node's PVs against its pools"
+                    );
+                    return;
+                }
+                Err(e) if attempt < 5 => {
+                    tracing::warn!(error = %e, attempt, "could not check this node's PVs; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not check this node's PVs against its pools; giving up until the next start")
+                }
+            }
+        }
+    });
+}
+
 /// `/metrics` (OpenMetrics text) and `/healthz` (what Probe says) on `addr`, in the background.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
@@ -343,6 +384,7 @@ pub async fn run_node(
     }
     tracing::info!(?report, "recovery done");
     spawn_refused_inline_sweeper(Arc::clone(&manager), cfg.refused_inline_ttl);
+    spawn_lost_volume_check(Arc::clone(&manager), cfg.driver_name.clone());
     if let Some(addr) = cfg.metrics_address {
         serve_metrics(addr, Arc::clone(&manager)).await?;
     }

@@ -72,6 +72,38 @@ impl KubeApi {
         })
     }
 
+    /// One request to the API at `path` (below the server's URL) with the driver's token,
+    /// re-read every time because kubelet rotates it: the status and the body. For callers
+    /// that bring their own object types (`crate::cluster`).
+    pub(crate) async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), String> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| format!("{}: {e}", self.token_file.display()))?;
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(token.trim());
+        if let Some((content_type, bytes)) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(bytes);
+        }
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| crate::error_text::with_causes(&e))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| crate::error_text::with_causes(&e))?;
+        Ok((status, bytes))
+    }
+
     /// Evicts a pod through the Eviction API (`pods/eviction` create), which honours its
     /// PodDisruptionBudget. A pod already gone is evicted.
     pub(crate) async fn evict(&self, namespace: &str, name: &str) -> Result<(), IdentityError> {

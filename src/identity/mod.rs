@@ -10,7 +10,7 @@
 mod kube;
 mod token;
 
-pub(crate) use kube::KubeApi;
+pub(crate) use kube::{KubeApi, path_segment};
 pub(crate) use token::{PodToken, TOKENS_KEY};
 
 use std::collections::HashMap;

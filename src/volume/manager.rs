@@ -159,6 +159,33 @@ impl Manager {
         l.label == self.loop_label()
     }
 
+    /// Whether a pool of this node holds volume `id`. Only a definite "no such file" counts as
+    /// not held: a disk that cannot be read is not evidence that its volumes are gone, and an
+    /// id that is not a sealvol volume id (from an API object) is never looked up.
+    pub(crate) fn holds_volume(&self, id: &str) -> bool {
+        let Ok(id) = VolumeId::parse(id) else {
+            return true;
+        };
+        self.pools.disks().any(|(_, disk)| {
+            match std::fs::symlink_metadata(disk.volume_path(id.as_str())) {
+                Ok(_) => true,
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            }
+        })
+    }
+
+    /// Whether no pool of this node holds any volume (a fresh or a wiped disk).
+    pub(crate) fn pools_empty(&self) -> bool {
+        self.pools
+            .disks()
+            .all(|(_, disk)| disk.volume_ids().is_ok_and(|ids| ids.is_empty()))
+    }
+
+    /// The Kubernetes API client, when the node has one.
+    pub(crate) fn kube_api(&self) -> Option<std::sync::Arc<crate::identity::KubeApi>> {
+        self.release.kube.clone()
+    }
+
     pub(crate) fn node_id(&self) -> &str {
         &self.settings.node_id
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod azure;
+pub mod kube;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
