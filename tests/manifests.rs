@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
@@ -41,6 +41,7 @@ fn check(doc: &serde_json::Value) -> String {
         ("v1", "Pod") => roundtrip::<Pod>(doc),
         ("v1", "PersistentVolumeClaim") => roundtrip::<PersistentVolumeClaim>(doc),
         ("apps/v1", "DaemonSet") => roundtrip::<DaemonSet>(doc),
+        ("apps/v1", "Deployment") => roundtrip::<Deployment>(doc),
         ("storage.k8s.io/v1", "CSIDriver") => roundtrip::<CSIDriver>(doc),
         ("storage.k8s.io/v1", "StorageClass") => roundtrip::<StorageClass>(doc),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => roundtrip::<ClusterRole>(doc),
@@ -77,6 +78,7 @@ fn every_deployed_object_is_a_valid_kubernetes_object() {
     for k in [
         "storage.k8s.io/v1/CSIDriver",
         "apps/v1/DaemonSet",
+        "apps/v1/Deployment",
         "storage.k8s.io/v1/StorageClass",
         "v1/Pod",
         "v1/PersistentVolumeClaim",

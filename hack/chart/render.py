@@ -17,7 +17,7 @@ CHART = os.path.join(ROOT, "charts", "sealvol")
 EXAMPLES = os.path.join(CHART, "examples")
 RELEASE, NAMESPACE = "sealvol", "kube-system"
 ORDER = ["serviceaccount.yaml", "rbac.yaml", "admissionpolicy.yaml", "csidriver.yaml", "storageclass.yaml",
-         "daemonset.yaml", "networkpolicy.yaml", "monitoring.yaml"]
+         "daemonset.yaml", "cleanup.yaml", "networkpolicy.yaml", "monitoring.yaml"]
 
 
 def example_values():

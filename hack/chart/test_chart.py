@@ -2,10 +2,12 @@
 values and every example values file, and the rendered objects checked: the CSIDriver's fields,
 resources on every container, the DaemonSet mounting what the driver's flags point at, the
 sidecars dialling the driver's socket with flags their pinned releases document, the RBAC rules
-exactly, the admission policy evaluated on sample requests (cel-python), alerts and dashboard
-checked against the metrics the driver registers (src/metrics.rs), and deploy/ up to date with
-the chart. (That each object in deploy/ is a valid Kubernetes object, with no unknown field, is
-checked in Rust against k8s-openapi: tests/manifests.rs.)
+exactly, the cleanup controller's Deployment (its flags, an unprivileged pod, a ServiceAccount
+and exact RBAC of its own, off with cleanup.enabled: false), the admission policy evaluated on
+sample requests (cel-python), alerts and dashboard checked against the metrics the driver
+registers (src/metrics.rs), and deploy/ up to date with the chart. (That each object in deploy/
+is a valid Kubernetes object, with no unknown field, is checked in Rust against k8s-openapi:
+tests/manifests.rs.)
 """
 
 import glob
@@ -49,6 +51,27 @@ def objects(values):
 
 def by_kind(objs, kind):
     return [o for o in objs if o["kind"] == kind]
+
+
+# The names the chart gives the node plugin's objects (its ServiceAccount, RBAC, DaemonSet) and
+# the cleanup controller's, for the release render.py renders.
+NODE, CLEANUP = "sealvol", "sealvol-cleanup"
+
+
+def named(objs, kind, name):
+    """The one object of `kind` called `name`."""
+    (obj,) = [o for o in by_kind(objs, kind) if o["metadata"]["name"] == name]
+    return obj
+
+
+def cleanup_objects(objs):
+    """The cleanup controller's objects: everything named after it."""
+    return [o for o in objs if o["metadata"]["name"] == CLEANUP]
+
+
+def selects(selector, labels):
+    """Whether a label selector's matchLabels select these labels."""
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
 
 
 def arg(args, flag):
@@ -214,8 +237,10 @@ class Chart(unittest.TestCase):
 
     def test_every_container_has_requests_and_limits(self):
         for name, values in render.example_values():
-            (ds,) = by_kind(objects(values), "DaemonSet")
-            for c in ds["spec"]["template"]["spec"]["containers"]:
+            objs = objects(values)
+            workloads = by_kind(objs, "DaemonSet") + by_kind(objs, "Deployment")
+            self.assertEqual(len(workloads), 2, name)
+            for c in (c for w in workloads for c in w["spec"]["template"]["spec"]["containers"]):
                 for kind in ("requests", "limits"):
                     self.assertIn("cpu", c["resources"][kind], f"{name}/{c['name']}")
                     self.assertIn("memory", c["resources"][kind], f"{name}/{c['name']}")
@@ -308,12 +333,12 @@ class Chart(unittest.TestCase):
         ]
         for name, values in render.example_values():
             objs = objects(values)
-            (role,) = by_kind(objs, "ClusterRole")
+            role = named(objs, "ClusterRole", NODE)
             expected = [{"apiGroups": g, "resources": r, "verbs": v} for g, r, v in cluster]
             if values.get("serviceAccountLookup", True):
                 expected.append({"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]})
             self.assertEqual(role["rules"], expected, name)
-            for r in role["rules"] + by_kind(objs, "Role")[0]["rules"]:
+            for r in role["rules"] + named(objs, "Role", NODE)["rules"]:
                 self.assertNotIn("*", r["verbs"])
                 self.assertNotIn("secrets", r["resources"], "the driver reads no Kubernetes secret")
                 if "pods" in r["resources"]:
@@ -322,8 +347,8 @@ class Chart(unittest.TestCase):
     def test_namespaced_rules_stay_in_the_release_namespace(self):
         for name, values in render.example_values():
             objs = objects(values)
-            (role,) = by_kind(objs, "Role")
-            (binding,) = by_kind(objs, "RoleBinding")
+            role = named(objs, "Role", NODE)
+            binding = named(objs, "RoleBinding", NODE)
             (ds,) = by_kind(objs, "DaemonSet")
             self.assertEqual(role["metadata"]["namespace"], render.NAMESPACE)
             self.assertEqual(binding["roleRef"]["name"], role["metadata"]["name"])
@@ -343,16 +368,16 @@ class Chart(unittest.TestCase):
                 ]
             self.assertEqual(role["rules"], expected, name)
         # The lease name follows the driver name as csi-lib-utils sanitizes it.
-        (role,) = by_kind(objects({"driverName": "local.sealvol.example"}), "Role")
+        role = named(objects({"driverName": "local.sealvol.example"}), "Role", NODE)
         self.assertIn(["external-resizer-local-sealvol-example"], [r.get("resourceNames") for r in role["rules"]])
 
     def test_eviction_is_granted_only_when_asked(self):
         eviction = {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]}
         for name, values in render.example_values():
-            (role,) = by_kind(objects(values), "ClusterRole")
+            role = named(objects(values), "ClusterRole", NODE)
             self.assertNotIn(eviction, role["rules"], f"{name}: off by default")
             self.assertFalse(any("pods/eviction" in r["resources"] for r in role["rules"]), name)
-        (role,) = by_kind(objects({"evictRevokedPods": True}), "ClusterRole")
+        role = named(objects({"evictRevokedPods": True}), "ClusterRole", NODE)
         self.assertIn(eviction, role["rules"])
         # The driver evicts through the API client it only has with the ServiceAccount lookup.
         with self.assertRaisesRegex(helm.HelmRenderError, "serviceAccountLookup"):
@@ -435,7 +460,7 @@ class Chart(unittest.TestCase):
         for name, values in render.example_values():
             objs = objects(values)
             cs = containers(objs)
-            (role,) = by_kind(objs, "Role")
+            role = named(objs, "Role", NODE)
             leases = [r for r in role["rules"] if "leases" in r["resources"]]
             if not values.get("expansion", {}).get("enabled", True):
                 self.assertNotIn("csi-resizer", cs, name)
@@ -447,6 +472,162 @@ class Chart(unittest.TestCase):
             env = {e["name"]: e for e in resizer["env"]}
             self.assertEqual(env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace")
             self.assertTrue(leases, name)
+
+    def test_cleanup_deployment_by_default(self):
+        for name, values in render.example_values():
+            objs = objects(values)
+            deploy = named(objs, "Deployment", CLEANUP)
+            self.assertEqual(deploy["metadata"]["namespace"], render.NAMESPACE)
+            self.assertEqual(deploy["spec"]["replicas"], 1, name)
+            pod = deploy["spec"]["template"]["spec"]
+            (c,) = pod["containers"]
+            driver = containers(objs)["sealvol"]
+            (csidriver,) = by_kind(objs, "CSIDriver")
+            # The node plugin's image, and its log settings, the same way.
+            self.assertEqual((c["image"], c["imagePullPolicy"]), (driver["image"], driver["imagePullPolicy"]), name)
+            self.assertEqual(c["args"], [
+                "cleanup",
+                f"--driver-name={csidriver['metadata']['name']}",
+                "--interval=60s",
+                "--node-gone-grace=5m",
+                "--lease-namespace=$(POD_NAMESPACE)",
+                "--lease-name=sealvol-cleanup",
+                "--identity=$(POD_NAME)",
+                f"--log-format={arg(driver['args'], 'log-format')[0]}",
+                f"--log-level={arg(driver['args'], 'log-level')[0]}",
+            ], name)
+            self.assertEqual(c["env"], [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            ], name)
+            self.assertEqual(c["resources"], {"requests": {"cpu": "10m", "memory": "32Mi"},
+                                              "limits": {"cpu": "100m", "memory": "64Mi"}}, name)
+            # Nothing to serve, nothing of the host; scheduled anywhere, not where the DaemonSet is.
+            for key in ("ports", "livenessProbe", "readinessProbe", "volumeMounts"):
+                self.assertNotIn(key, c, name)
+            for key in ("volumes", "hostNetwork", "hostPID", "nodeSelector", "tolerations", "affinity", "priorityClassName"):
+                self.assertNotIn(key, pod, name)
+        # Every value reaches the pod.
+        objs = objects({"driverName": "local.sealvol.example", "log": {"format": "text", "level": "debug"},
+                        "cleanup": {"replicas": 2, "interval": "30s", "nodeGoneGrace": "1h", "leaseName": "other-lease",
+                                    "priorityClassName": "system-cluster-critical", "nodeSelector": {"pool": "system"},
+                                    "tolerations": [{"key": "CriticalAddonsOnly", "operator": "Exists"}],
+                                    "affinity": {"nodeAffinity": {}}},
+                        "extraArgs": {"cleanup": ["--extra=1"]}, "extraEnv": {"cleanup": [{"name": "EXTRA", "value": "v"}]}})
+        deploy = named(objs, "Deployment", CLEANUP)
+        pod = deploy["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        self.assertEqual(deploy["spec"]["replicas"], 2)
+        for flag, value in [("driver-name", "local.sealvol.example"), ("interval", "30s"), ("node-gone-grace", "1h"),
+                            ("lease-name", "other-lease"), ("log-format", "text"), ("log-level", "debug")]:
+            self.assertEqual(arg(c["args"], flag), [value], flag)
+        self.assertEqual(c["args"][-1], "--extra=1")
+        self.assertEqual(c["env"][-1], {"name": "EXTRA", "value": "v"})
+        self.assertEqual(pod["priorityClassName"], "system-cluster-critical")
+        self.assertEqual(pod["nodeSelector"], {"pool": "system"})
+        self.assertEqual(pod["tolerations"], [{"key": "CriticalAddonsOnly", "operator": "Exists"}])
+        self.assertEqual(pod["affinity"], {"nodeAffinity": {}})
+        (role,) = [r for r in named(objs, "Role", CLEANUP)["rules"] if "resourceNames" in r]
+        self.assertEqual(role["resourceNames"], ["other-lease"])
+        # The node plugin's DaemonSet takes none of these.
+        ds_pod = by_kind(objs, "DaemonSet")[0]["spec"]["template"]["spec"]
+        self.assertEqual(ds_pod["priorityClassName"], "system-node-critical")
+        self.assertEqual(ds_pod["nodeSelector"], {"sealvol.io/local-storage": "true"})
+
+    def test_cleanup_can_be_turned_off(self):
+        for name, values in render.example_values():
+            on = objects(values)
+            off = objects({**values, "cleanup": {"enabled": False}})
+            self.assertEqual(len(cleanup_objects(on)), 6, name)
+            self.assertEqual({o["kind"] for o in cleanup_objects(on)},
+                             {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"})
+            self.assertEqual(cleanup_objects(off), [], name)
+            self.assertEqual(by_kind(off, "Deployment"), [], name)
+            # Nothing else changes.
+            self.assertEqual(off, [o for o in on if o["metadata"]["name"] != CLEANUP], name)
+
+    def test_cleanup_rbac_is_exactly_what_it_calls(self):
+        # Why each rule is there is in templates/cleanup.yaml; a verb or resource added there
+        # fails here until it is listed.
+        cluster = [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["list", "delete", "patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        ]
+        for name, values in render.example_values():
+            objs = objects(values)
+            self.assertEqual(named(objs, "ClusterRole", CLEANUP)["rules"], cluster, name)
+            subject = [{"kind": "ServiceAccount", "name": CLEANUP, "namespace": render.NAMESPACE}]
+            for kind, role_kind in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")]:
+                binding = named(objs, kind, CLEANUP)
+                self.assertEqual(binding["roleRef"], {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": CLEANUP})
+                self.assertEqual(binding["subjects"], subject, f"{name}/{kind}")
+            # Its ServiceAccount is bound to nothing else.
+            for b in by_kind(objs, "ClusterRoleBinding") + by_kind(objs, "RoleBinding"):
+                if b["metadata"]["name"] != CLEANUP:
+                    self.assertNotIn(CLEANUP, [s["name"] for s in b["subjects"]], b["metadata"]["name"])
+        # The node plugin keeps list and patch on PVs: at start it annotates the ones it lost.
+        pv = next(r for r in named(objects({}), "ClusterRole", NODE)["rules"] if r["resources"] == ["persistentvolumes"])
+        self.assertLessEqual({"list", "patch"}, set(pv["verbs"]))
+
+    def test_cleanup_lease_is_the_only_one_it_may_renew(self):
+        for values, lease in [({}, "sealvol-cleanup"), ({"cleanup": {"leaseName": "sealvol-cleanup-b"}}, "sealvol-cleanup-b")]:
+            objs = objects(values)
+            role = named(objs, "Role", CLEANUP)
+            self.assertEqual(role["metadata"]["namespace"], render.NAMESPACE)
+            self.assertEqual(named(objs, "RoleBinding", CLEANUP)["metadata"]["namespace"], render.NAMESPACE)
+            self.assertEqual(role["rules"], [
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease], "verbs": ["get", "update"]},
+            ])
+            (c,) = named(objs, "Deployment", CLEANUP)["spec"]["template"]["spec"]["containers"]
+            self.assertEqual(arg(c["args"], "lease-name"), [lease])
+            # The lease lives where the Role grants it: the pod's own namespace.
+            self.assertEqual(arg(c["args"], "lease-namespace"), ["$(POD_NAMESPACE)"])
+
+    def test_cleanup_runs_unprivileged(self):
+        for name, values in render.example_values():
+            pod = named(objects(values), "Deployment", CLEANUP)["spec"]["template"]["spec"]
+            (c,) = pod["containers"]
+            # What the container says wins over the pod's defaults.
+            effective = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+            self.assertIs(effective["runAsNonRoot"], True, name)
+            self.assertNotEqual(effective.get("runAsUser", 0), 0, name)
+            self.assertIs(effective["readOnlyRootFilesystem"], True, name)
+            self.assertIs(effective["allowPrivilegeEscalation"], False, name)
+            self.assertEqual(effective["capabilities"], {"drop": ["ALL"]}, name)
+            self.assertEqual(effective["seccompProfile"], {"type": "RuntimeDefault"}, name)
+            self.assertNotIn("privileged", effective, name)
+            self.assertIs(pod["automountServiceAccountToken"], True, name)
+
+    def test_cleanup_has_its_own_serviceaccount_and_pods(self):
+        for name, values in render.example_values():
+            objs = objects(values)
+            deploy = named(objs, "Deployment", CLEANUP)
+            (ds,) = by_kind(objs, "DaemonSet")
+            sa = deploy["spec"]["template"]["spec"]["serviceAccountName"]
+            self.assertEqual(sa, CLEANUP, name)
+            self.assertNotEqual(sa, ds["spec"]["template"]["spec"]["serviceAccountName"], name)
+            self.assertEqual(named(objs, "ServiceAccount", sa)["metadata"]["namespace"], render.NAMESPACE)
+            # Neither workload's selector (nor the metrics NetworkPolicy's, the DaemonSet's)
+            # matches the other's pods.
+            cleanup_pod = deploy["spec"]["template"]["metadata"]["labels"]
+            self.assertTrue(selects(deploy["spec"]["selector"], cleanup_pod))
+            self.assertFalse(selects(ds["spec"]["selector"], cleanup_pod), name)
+            self.assertFalse(selects(deploy["spec"]["selector"], ds["spec"]["template"]["metadata"]["labels"]), name)
+
+    def test_schema_refuses_bad_cleanup_values(self):
+        chart = helm.Chart.load(render.CHART)
+        for bad in [{"cleanup": {"interval": "0"}}, {"cleanup": {"interval": "0s"}}, {"cleanup": {"interval": "1 minute"}},
+                    {"cleanup": {"nodeGoneGrace": "5min"}}, {"cleanup": {"nodeGoneGrace": "-5m"}},
+                    {"cleanup": {"leaseName": "Bad_Name"}}, {"cleanup": {"leaseName": ""}}, {"cleanup": {"replicas": 0}},
+                    {"cleanup": {"enabled": "yes"}}, {"cleanup": {"intervall": "60s"}},
+                    {"extraArgs": {"cleanup": "--x"}}]:
+            with self.assertRaises(helm.HelmValuesError, msg=str(bad)):
+                chart.validate_schema(chart.merge_values(bad))
+        for good in [{"cleanup": {"interval": "500ms", "nodeGoneGrace": "0"}}, {"cleanup": {"interval": "90", "nodeGoneGrace": "1h"}},
+                     {"cleanup": {"enabled": False}}]:
+            chart.validate_schema(chart.merge_values(good))
 
     def test_extra_args_and_env_per_container(self):
         names = {"sealvol": "sealvol", "registrar": "node-driver-registrar", "provisioner": "csi-provisioner",

@@ -18,6 +18,18 @@ app.kubernetes.io/name: sealvol
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The sealvol image: the node plugin and the cleanup controller run the same one. */}}
+{{- define "sealvol.image" -}}
+"{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+{{- end -}}
+
+{{/* The cleanup controller's pods: a name of their own, so that the DaemonSet's selector
+(sealvol.selector, immutable) never matches them. */}}
+{{- define "sealvol.cleanupSelector" -}}
+app.kubernetes.io/name: sealvol-cleanup
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{/* The directory kubelet gives the driver for its socket. */}}
 {{- define "sealvol.pluginDir" -}}{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}{{- end -}}
 
