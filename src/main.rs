@@ -209,7 +209,8 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT, logging `what` happens next.
+async fn shutdown_signal(what: &'static str) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -223,7 +224,7 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("shutting down: mounted volumes stay mounted");
+    tracing::info!("shutting down: {what}");
 }
 
 fn main() -> anyhow::Result<()> {
@@ -267,7 +268,10 @@ fn main() -> anyhow::Result<()> {
                     KeyMemoryArg::Secret => sealvol::KeyMemory::Secret,
                 },
             };
-            runtime.block_on(sealvol::run_node(cfg, shutdown_signal()))?;
+            runtime.block_on(sealvol::run_node(
+                cfg,
+                shutdown_signal("mounted volumes stay mounted"),
+            ))?;
             Ok(())
         }
         Command::Cleanup(a) => {
@@ -290,7 +294,10 @@ fn main() -> anyhow::Result<()> {
                 kube_token_file: a.kube_token_file,
                 kube_ca_file: a.kube_ca_file,
             };
-            runtime.block_on(sealvol::run_cleanup(cfg, shutdown_signal()))?;
+            runtime.block_on(sealvol::run_cleanup(
+                cfg,
+                shutdown_signal("giving the lease up"),
+            ))?;
             Ok(())
         }
         Command::Bench(a) => runtime.block_on(bench::run(a)),

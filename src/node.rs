@@ -192,40 +192,45 @@ fn kube_api(cfg: &NodeConfig) -> Result<Option<Arc<KubeApi>>, StartError> {
 }
 
 /// In the background, once: marks lost the PVs that place a volume on this node which its
-/// pools do not hold (a wiped disk). Retried a few times while the API does not answer; the
-/// node serves meanwhile, and without the check if it never answers.
+/// pools do not hold (a wiped disk). Retried, backing off to every 5 minutes, while the API
+/// does not answer; the node serves meanwhile.
 fn spawn_lost_volume_check(manager: Arc<Manager>, driver: String) {
+    const MAX_WAIT: Duration = Duration::from_secs(300);
     let Some(api) = manager.kube_api() else {
         tracing::info!("no Kubernetes API client: PVs whose volumes this node lost are not marked");
         return;
     };
     tokio::spawn(async move {
         let mut wait = Duration::from_secs(2);
-        for attempt in 1..=5 {
+        loop {
             let node = manager.node_id().to_string();
+            let evidence = {
+                let manager = Arc::clone(&manager);
+                tokio::task::spawn_blocking(move || manager.pool_evidence()).await
+            };
+            let Ok(evidence) = evidence else {
+                return;
+            };
             let result = crate::cluster::mark_lost_volumes(
                 &api,
                 &driver,
                 &node,
                 |id| manager.holds_volume(id),
-                manager.pools_empty(),
+                &evidence,
             )
             .await;
             match result {
-                Ok(lost) => {
+                Ok(missing) => {
                     tracing::info!(
-                        lost = lost.len(),
+                        missing = missing.len(),
                         "checked this node's PVs against its pools"
                     );
                     return;
                 }
-                Err(e) if attempt < 5 => {
-                    tracing::warn!(error = %e, attempt, "could not check this node's PVs; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not check this node's PVs against its pools; giving up until the next start")
+                    tracing::warn!(error = %e, retry_in = ?wait, "could not check this node's PVs against its pools");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(MAX_WAIT);
                 }
             }
         }

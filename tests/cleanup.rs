@@ -159,10 +159,16 @@ async fn releases_pvs_of_gone_nodes_and_lost_ones_and_nothing_else() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_node_keeps_its_pvs_for_the_grace() {
+async fn a_missing_node_and_a_lost_mark_wait_out_the_grace() {
     let (api, objects) = kube::serve(cluster(
         &["live"],
-        vec![pv("gone-bound", DRIVER, "sv-1", "gone", "Bound")],
+        vec![
+            pv("gone-bound", DRIVER, "sv-1", "gone", "Bound"),
+            lost(
+                pv("wiped", DRIVER, "sv-2", "live", "Bound"),
+                "node live started without it",
+            ),
+        ],
     ))
     .await;
     let controller = Controller::start(&api, "c1", &["--node-gone-grace=1h"]);
@@ -172,7 +178,7 @@ async fn a_missing_node_keeps_its_pvs_for_the_grace() {
         controller.log()
     );
     let o = objects.lock().unwrap();
-    assert!(o.pvs.contains_key("gone-bound"));
+    assert!(o.pvs.contains_key("gone-bound") && o.pvs.contains_key("wiped"));
     assert!(o.events.is_empty());
     assert!(
         o.mutations.iter().all(|m| m.path.contains("/leases")),
@@ -194,8 +200,11 @@ async fn only_the_lease_holder_acts_and_a_stopped_one_hands_over() {
         ],
     ))
     .await;
-    let mut first = Controller::start(&api, "c1", &["--node-gone-grace=0"]);
-    let mut second = Controller::start(&api, "c2", &["--node-gone-grace=0"]);
+    // A lease far longer than the test: the other replica can only take over when the holder
+    // gives the lease up.
+    let long = ["--node-gone-grace=0", "--lease-duration=600s"];
+    let mut first = Controller::start(&api, "c1", &long);
+    let mut second = Controller::start(&api, "c2", &long);
     assert!(
         kube::wait_for(&objects, WITHIN, |o| !o.pvs.contains_key("gone-1")).await,
         "not released; logs:\n{}\n{}",
@@ -219,8 +228,7 @@ async fn only_the_lease_holder_acts_and_a_stopped_one_hands_over() {
         }
         holder
     };
-    // Stop the holder: it gives the lease up, and the other holds it well within the 2 s an
-    // expiry would take plus its own observation.
+    // Stop the holder: it gives the lease up, and the other takes it at once.
     let (stopped, other) = if holder == "c1" {
         (&mut first, "c2")
     } else {
@@ -236,31 +244,45 @@ async fn only_the_lease_holder_acts_and_a_stopped_one_hands_over() {
     let o = objects.lock().unwrap();
     let lease = o.lease("sealvol-cleanup").unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
-    // The stopped holder's last word on the lease was to empty it.
-    let released = o
-        .mutations
-        .iter()
-        .rev()
-        .find(|m| m.token == format!("token-of-{holder}"))
-        .unwrap();
-    assert_eq!(released.method, "PUT");
 }
 
-/// A lease another replica holds and keeps fresh is respected; left to expire, it is taken.
+/// A lease another replica holds and keeps renewing is respected; left to expire, it is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_lease_is_waited_out() {
-    let mut objects = cluster(&[], vec![pv("gone-1", DRIVER, "sv-1", "gone", "Bound")]);
-    objects.leases.insert(
-        "sealvol-cleanup".into(),
+    let mut objects = cluster(
+        &["live"],
+        vec![pv("gone-1", DRIVER, "sv-1", "gone", "Bound")],
+    );
+    let held = |renewed: u64, version: u64| {
         serde_json::json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "sealvol-cleanup", "namespace": "sealvol", "resourceVersion": "1"},
-            "spec": {"holderIdentity": "elsewhere", "leaseDurationSeconds": 2,
-                     "renewTime": "2026-11-26T00:00:00.000000Z", "leaseTransitions": 4}
-        }),
-    );
+            "metadata": {"name": "sealvol-cleanup", "namespace": "sealvol", "resourceVersion": format!("held-{version}")},
+            "spec": {"holderIdentity": "elsewhere", "leaseDurationSeconds": 1,
+                     "renewTime": format!("2026-11-26T00:00:{:02}.000000Z", renewed % 60), "leaseTransitions": 4}
+        })
+    };
+    objects.leases.insert("sealvol-cleanup".into(), held(0, 0));
     let (api, objects) = kube::serve(objects).await;
     let controller = Controller::start(&api, "c1", &["--node-gone-grace=0"]);
+    // "elsewhere" renews every 300 ms for 4 s, well past its 1 s lease: nothing is taken.
+    for i in 1..=13 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        objects
+            .lock()
+            .unwrap()
+            .leases
+            .insert("sealvol-cleanup".into(), held(i, i));
+    }
+    {
+        let o = objects.lock().unwrap();
+        assert!(o.pvs.contains_key("gone-1"), "acted under another's lease");
+        assert_eq!(
+            o.lease("sealvol-cleanup").unwrap()["spec"]["holderIdentity"],
+            "elsewhere"
+        );
+        assert!(o.mutations.is_empty(), "{:?}", o.mutations);
+    }
+    // It stops renewing: the lease is taken and the PV released.
     assert!(
         kube::wait_for(&objects, WITHIN, |o| !o.pvs.contains_key("gone-1")).await,
         "the expired lease was not taken; log:\n{}",
@@ -275,25 +297,80 @@ async fn a_held_lease_is_waited_out() {
     }
 }
 
-/// A node plugin whose pool lacks the volumes of its PVs marks exactly those PVs lost: first
-/// one volume missing from a pool that holds others, then, after the disk is wiped, all.
+/// An API that fails to list nodes, or lists none, releases nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_marks_the_pvs_whose_volumes_its_pool_lost() {
-    let (api, objects) = kube::serve(Objects::default()).await;
+async fn a_broken_node_list_releases_nothing() {
+    for (nodes, status) in [(vec!["live"], Some(500)), (vec![], None)] {
+        let mut objects = cluster(&nodes, vec![pv("on-live", DRIVER, "sv-1", "live", "Bound")]);
+        objects.nodes_status = status;
+        let (api, objects) = kube::serve(objects).await;
+        let controller = Controller::start(&api, "c1", &["--node-gone-grace=0"]);
+        assert!(
+            kube::wait_for(&objects, WITHIN, |o| o.pv_lists >= 5).await,
+            "no passes; log:\n{}",
+            controller.log()
+        );
+        let o = objects.lock().unwrap();
+        assert!(o.pvs.contains_key("on-live"), "{status:?}");
+        assert!(
+            o.mutations.iter().all(|m| m.path.contains("/leases")),
+            "{:?}",
+            o.mutations
+        );
+        assert!(
+            controller.log().contains("cleanup pass failed"),
+            "{}",
+            controller.log()
+        );
+    }
+}
+
+/// Starts a node plugin talking to the fake API, its pool on a tmpfs of its own (as a temp
+/// disk is: another filesystem than the state directory's) unless `pool_on_state_fs`.
+async fn node_with_api(
+    api: &str,
+    pool_on_state_fs: bool,
+) -> (ScratchNode, CsiClient, tempfile::NamedTempFile) {
+    require_root();
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "driver-sa-token").unwrap();
     let flags = [
         format!("--kube-api-url={api}"),
         format!("--kube-token-file={}", token.path().display()),
     ];
-    let (mut node, mut c) =
-        start_with(&flags.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await;
+    let mut node = ScratchNode::new(&binary(), None)
+        .unwrap()
+        .with_args(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    if !pool_on_state_fs {
+        node = node.pool_on_tmpfs(256 << 20).unwrap();
+    }
+    let c = node.start(&[]).await.expect("node plugin starts");
+    (node, c, token)
+}
+
+fn lost_mark(o: &Objects, name: &str) -> Option<String> {
+    o.pvs[name]["metadata"]["annotations"]["sealvol.io/lost"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// A node plugin whose pool lacks the volumes of its PVs marks exactly those PVs lost, first
+/// one volume missing from a pool that holds others, then, after the disk is wiped, all; a
+/// mark on a PV whose volume it holds is cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_marks_the_pvs_whose_volumes_its_pool_lost() {
+    let (api, objects) = kube::serve(Objects::default()).await;
+    let (mut node, mut c, _token) = node_with_api(&api, false).await;
     let here = node.node_id.clone();
     let kept = create(&mut c, "kept", 16 << 20).await;
     {
         let mut o = objects.lock().unwrap();
         for p in [
             pv("kept", DRIVER, &kept, &here, "Bound"),
+            lost(
+                pv("marked-by-mistake", DRIVER, &kept, &here, "Bound"),
+                "earlier",
+            ),
             pv(
                 "never-here",
                 DRIVER,
@@ -322,27 +399,22 @@ async fn a_node_marks_the_pvs_whose_volumes_its_pool_lost() {
                 .insert(p["metadata"]["name"].as_str().unwrap().to_string(), p);
         }
     }
-    let lost_annotation = |o: &Objects, name: &str| {
-        o.pvs[name]["metadata"]["annotations"]["sealvol.io/lost"]
-            .as_str()
-            .map(str::to_string)
-    };
     node.kill();
     drop(c);
     let c = node.start(&[]).await.expect("restart");
     assert!(
-        kube::wait_for(&objects, WITHIN, |o| lost_annotation(o, "never-here")
-            .is_some())
+        kube::wait_for(&objects, WITHIN, |o| lost_mark(o, "never-here").is_some()
+            && lost_mark(o, "marked-by-mistake").is_none())
         .await,
         "not marked; log:\n{}",
         node.log()
     );
     {
         let o = objects.lock().unwrap();
-        let why = lost_annotation(&o, "never-here").unwrap();
+        let why = lost_mark(&o, "never-here").unwrap();
         assert!(why.contains(&here) && !why.contains("empty"), "{why}");
         for name in ["kept", "elsewhere", "released", "other-driver", "not-an-id"] {
-            assert_eq!(lost_annotation(&o, name), None, "{name} marked");
+            assert_eq!(lost_mark(&o, name), None, "{name} marked");
         }
     }
     assert!(
@@ -358,14 +430,54 @@ async fn a_node_marks_the_pvs_whose_volumes_its_pool_lost() {
     }
     let mut c = node.start(&[]).await.expect("restart");
     assert!(
-        kube::wait_for(&objects, WITHIN, |o| lost_annotation(o, "kept").is_some()).await,
+        kube::wait_for(&objects, WITHIN, |o| lost_mark(o, "kept").is_some()).await,
         "not marked; log:\n{}",
         node.log()
     );
-    let why = lost_annotation(&objects.lock().unwrap(), "kept").unwrap();
+    let why = lost_mark(&objects.lock().unwrap(), "kept").unwrap();
     assert!(why.contains("were empty"), "{why}");
     assert!(node.log().contains("this node's pools are empty"));
     // The volume is gone; deleting it succeeds, as for any volume that no longer exists.
     delete(&mut c, &kept).await.expect("DeleteVolume");
     assert_clean(&node);
+}
+
+/// A directory pool on the state directory's filesystem may be an unmounted disk's mount point:
+/// its missing volumes are reported, not marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_may_be_unmounted_marks_nothing() {
+    let (api, objects) = kube::serve(Objects::default()).await;
+    let (mut node, c, _token) = node_with_api(&api, true).await;
+    let here = node.node_id.clone();
+    {
+        let mut o = objects.lock().unwrap();
+        let p = pv(
+            "never-here",
+            DRIVER,
+            "sv-0123456789abcdef0123456789abcdef",
+            &here,
+            "Bound",
+        );
+        o.pvs.insert("never-here".into(), p);
+    }
+    node.kill();
+    drop(c);
+    let _c = node.start(&[]).await.expect("restart");
+    let deadline = std::time::Instant::now() + WITHIN;
+    while !node.log().contains("checked this node's PVs") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no check; log:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        node.log().contains("not marking them lost because"),
+        "{}",
+        node.log()
+    );
+    let o = objects.lock().unwrap();
+    assert_eq!(lost_mark(&o, "never-here"), None);
+    assert!(o.mutations.is_empty(), "{:?}", o.mutations);
 }

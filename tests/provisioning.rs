@@ -184,3 +184,93 @@ async fn thin_is_sparse_thick_is_reserved_and_capacity_counts_both() {
     }
     assert_clean(&node);
 }
+
+/// What a thin volume risks, shown: the pool filled from outside while the pod writes. Its
+/// writes need blocks the pool no longer has, so they fail under ext4; whatever each writer
+/// saw, the volume must then be reported abnormal, with the reason, and still come apart
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_volume_that_runs_out_is_reported_abnormal() {
+    let (node, mut c) = start_on_small_pool().await;
+    let id = create_with(
+        &mut c,
+        "pvc-thin-full",
+        64 * MIB,
+        &[("keyMode", "none"), ("provisioning", "thin")],
+    )
+    .await;
+    c.node.node_stage_volume(node.stage(&id)).await.unwrap();
+    c.node
+        .node_publish_volume(node.publish(&id, "pod"))
+        .await
+        .unwrap();
+    let target = node.target_path("pod", &id);
+    let stats = |c: &mut CsiClient| {
+        let mut c = c.clone();
+        let (id, target) = (id.clone(), target.clone());
+        async move {
+            let cond = c
+                .node
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: id,
+                    volume_path: target,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .volume_condition
+                .unwrap();
+            (cond.abnormal, cond.message)
+        }
+    };
+    let (abnormal, message) = stats(&mut c).await;
+    assert!(!abnormal, "{message}");
+
+    fill(&node.pool_dir);
+
+    // The three patterns of the thick test; with thin, each may or may not see an error.
+    let mut seen = Vec::new();
+    let one = pattern(1, 8 << 20);
+    seen.push((
+        "one write + fsync",
+        std::fs::File::create(format!("{target}/one"))
+            .and_then(|mut f| f.write_all(&one).and_then(|_| f.sync_all()))
+            .err(),
+    ));
+    let many = pattern(2, 16 << 20);
+    seen.push((
+        "many writes + fsync",
+        std::fs::File::create(format!("{target}/many"))
+            .and_then(|mut f| {
+                many.chunks(1 << 20)
+                    .try_for_each(|chunk| f.write_all(chunk))
+                    .and_then(|_| f.sync_all())
+            })
+            .err(),
+    ));
+    let unsynced = pattern(3, 16 << 20);
+    seen.push((
+        "many writes, no fsync",
+        std::fs::File::create(format!("{target}/unsynced"))
+            .and_then(|mut f| unsynced.chunks(1 << 20).try_for_each(|c| f.write_all(c)))
+            .err(),
+    ));
+    nix::unistd::sync();
+    for (how, error) in &seen {
+        println!("thin, pool full: {how}: {error:?}");
+    }
+
+    let (abnormal, message) = stats(&mut c).await;
+    assert!(
+        abnormal,
+        "a thin volume that ran out of pool is reported healthy: {message}"
+    );
+    assert!(
+        message.contains("refuses writes") || message.contains("error"),
+        "{message}"
+    );
+    std::fs::remove_file(node.pool_dir.join("someone-elses-file")).unwrap();
+    teardown(&node, &mut c, &id, "pod").await;
+    assert_clean(&node);
+}

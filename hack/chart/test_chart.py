@@ -205,6 +205,13 @@ def sealvol_pv(node, driver="sealvol.csi.io", capacity="1Gi", claim="data"):
     return pv
 
 
+def lost(pv, why="node started without it"):
+    """`pv` marked lost by a node plugin (sealvol.io/lost)."""
+    pv = json.loads(json.dumps(pv))
+    pv["metadata"].setdefault("annotations", {})["sealvol.io/lost"] = why
+    return pv
+
+
 class Chart(unittest.TestCase):
     def test_lint_has_no_errors(self):
         for name, values in render.example_values():
@@ -425,6 +432,17 @@ class Chart(unittest.TestCase):
             (req("UPDATE", new=sealvol_pv("node-a"), old=sealvol_pv("node-b")), "not its source, node affinity or claim"),
             (req("UPDATE", new=sealvol_pv("node-b", claim="other"), old=sealvol_pv("node-b")), "not its source, node affinity or claim"),
             (req("CREATE", user={"username": node["username"], "extra": {}}, new=sealvol_pv("node-a")), "no node name"),
+            # The lost mark makes the cleanup controller delete the PV: another node's is not
+            # this node's to set, change or remove.
+            (req("UPDATE", new=lost(sealvol_pv("node-b")), old=sealvol_pv("node-b")), "mark lost"),
+            (req("UPDATE", new=lost(sealvol_pv("node-b"), "other"), old=lost(sealvol_pv("node-b"))), "mark lost"),
+            (req("UPDATE", new=sealvol_pv("node-b"), old=lost(sealvol_pv("node-b"))), "mark lost"),
+        ]
+        allowed += [
+            req("UPDATE", new=lost(sealvol_pv("node-a")), old=sealvol_pv("node-a")),
+            req("UPDATE", new=sealvol_pv("node-a"), old=lost(sealvol_pv("node-a"))),
+            # Another node's PV keeps its mark through an unrelated update.
+            req("UPDATE", new=lost(sealvol_pv("node-b", capacity="2Gi")), old=lost(sealvol_pv("node-b"))),
         ]
         for request in allowed:
             self.assertEqual(policy.admit(request)[0], True, request)

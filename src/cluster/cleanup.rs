@@ -63,6 +63,7 @@ pub async fn run_cleanup(
         driver: cfg.driver_name.clone(),
         grace: cfg.node_gone_grace,
         missing_since: HashMap::new(),
+        marked_since: HashMap::new(),
     };
     tracing::info!(
         driver = %cfg.driver_name,
@@ -72,7 +73,8 @@ pub async fn run_cleanup(
         identity = %cfg.identity,
         "cleanup controller started"
     );
-    let tick = cfg.interval.min(RENEW_EVERY);
+    // Renewed at least three times per lease duration, so one slow answer does not lose it.
+    let tick = cfg.interval.min(RENEW_EVERY).min(cfg.lease_duration / 3);
     let mut next_pass = Instant::now();
     let mut was_leading = false;
     tokio::pin!(shutdown);
@@ -91,6 +93,7 @@ pub async fn run_cleanup(
                 tracing::info!(identity = %cfg.identity, "another replica leads");
                 // A new term starts its grace from scratch: what was seen missing may be back.
                 controller.missing_since.clear();
+                controller.marked_since.clear();
             }
             was_leading = leading;
         }
@@ -117,6 +120,9 @@ struct Controller {
     grace: Duration,
     /// Nodes named by a PV but not in the node list, since when.
     missing_since: HashMap<String, Instant>,
+    /// PVs (by uid) seen marked lost, since when: a mark waits out the grace too, so a node
+    /// that marked by mistake (a disk mounted late) can clear it at its next start.
+    marked_since: HashMap<String, Instant>,
 }
 
 impl Controller {
@@ -125,21 +131,35 @@ impl Controller {
         cluster: &Cluster<'_>,
         election: &LeaderElection,
     ) -> Result<(), ClusterError> {
+        // PVs first: a node that joins between the two lists is then seen with its PVs.
+        let pvs: Vec<DriverPv> = cluster
+            .persistent_volumes()
+            .await?
+            .iter()
+            .filter_map(|pv| DriverPv::of(pv, &self.driver))
+            .collect();
         let nodes: HashSet<String> = cluster.node_names().await?.into_iter().collect();
-        let pvs = cluster.persistent_volumes().await?;
         let now = Instant::now();
         self.missing_since.retain(|n, _| !nodes.contains(n));
+        self.marked_since
+            .retain(|uid, _| pvs.iter().any(|pv| &pv.uid == uid && pv.lost.is_some()));
         let mut released = 0;
-        for pv in pvs.iter().filter_map(|pv| DriverPv::of(pv, &self.driver)) {
-            let Some(reason) = verdict(&pv, &nodes, &mut self.missing_since, now, self.grace)
-            else {
+        for pv in &pvs {
+            let seen = Seen {
+                nodes: &nodes,
+                missing_since: &mut self.missing_since,
+                marked_since: &mut self.marked_since,
+                now,
+                grace: self.grace,
+            };
+            let Some(reason) = verdict(pv, seen) else {
                 continue;
             };
             if !election.leading() {
                 tracing::info!("the lease ran out during a pass; the next holder finishes it");
                 break;
             }
-            match release(cluster, &pv, &reason).await {
+            match release(cluster, pv, &reason).await {
                 Ok(()) => released += 1,
                 Err(e) => {
                     tracing::warn!(persistent_volume = %pv.name, error = %e, "could not release; the next pass retries")
@@ -156,26 +176,30 @@ impl Controller {
     }
 }
 
-/// Why `pv` must be released now, or None. A node is counted missing from the first pass that
-/// does not see it; its PVs go once it has stayed missing for `grace`.
-fn verdict(
-    pv: &DriverPv,
-    nodes: &HashSet<String>,
-    missing_since: &mut HashMap<String, Instant>,
+/// What a pass knows when it judges one PV.
+struct Seen<'a> {
+    nodes: &'a HashSet<String>,
+    missing_since: &'a mut HashMap<String, Instant>,
+    marked_since: &'a mut HashMap<String, Instant>,
     now: Instant,
     grace: Duration,
-) -> Option<String> {
+}
+
+/// Why `pv` must be released now, or None. A node is counted missing, and a mark counted, from
+/// the first pass that sees it; the PV goes once that has lasted the grace.
+fn verdict(pv: &DriverPv, seen: Seen<'_>) -> Option<String> {
+    let waited = |since: Instant| seen.now.duration_since(since) >= seen.grace;
     if let Some(why) = &pv.lost {
-        return Some(format!(
-            "its node's pool no longer holds the volume ({why})"
-        ));
+        let since = *seen.marked_since.entry(pv.uid.clone()).or_insert(seen.now);
+        return waited(since)
+            .then(|| format!("its node's pool no longer holds the volume ({why})"));
     }
     let node = pv.node.as_ref()?;
-    if nodes.contains(node) {
+    if seen.nodes.contains(node) {
         return None;
     }
-    let since = *missing_since.entry(node.clone()).or_insert(now);
-    (now.duration_since(since) >= grace).then(|| format!("node {node} no longer exists"))
+    let since = *seen.missing_since.entry(node.clone()).or_insert(seen.now);
+    waited(since).then(|| format!("node {node} no longer exists"))
 }
 
 /// The event on a bound claim, then the PV's deletion, then its finalizers.
@@ -190,7 +214,7 @@ async fn release(cluster: &Cluster<'_>, pv: &DriverPv, reason: &str) -> Result<(
             );
             cluster.warn_claim(claim, "VolumeLost", &message).await?;
         }
-        cluster.delete_pv(&pv.name).await?;
+        cluster.delete_pv(&pv.name, &pv.uid).await?;
     }
     cluster.drop_finalizers(&pv.name).await?;
     tracing::warn!(
@@ -212,56 +236,67 @@ mod tests {
         DriverPv::of(&pv("p", "d", node, "Bound"), "d").expect("ours")
     }
 
+    struct Memory {
+        nodes: HashSet<String>,
+        missing_since: HashMap<String, Instant>,
+        marked_since: HashMap<String, Instant>,
+    }
+
+    impl Memory {
+        fn new() -> Memory {
+            Memory {
+                nodes: ["n1".to_string()].into(),
+                missing_since: HashMap::new(),
+                marked_since: HashMap::new(),
+            }
+        }
+
+        fn judge(&mut self, pv: &DriverPv, now: Instant, grace: Duration) -> Option<String> {
+            verdict(
+                pv,
+                Seen {
+                    nodes: &self.nodes,
+                    missing_since: &mut self.missing_since,
+                    marked_since: &mut self.marked_since,
+                    now,
+                    grace,
+                },
+            )
+        }
+    }
+
     #[test]
     fn a_missing_node_waits_out_the_grace() {
-        let nodes: HashSet<String> = ["n1".to_string()].into();
-        let mut missing = HashMap::new();
+        let mut m = Memory::new();
         let t0 = Instant::now();
         let grace = Duration::from_secs(300);
-        assert_eq!(
-            verdict(&driver_pv("n1"), &nodes, &mut missing, t0, grace),
-            None
-        );
-        assert!(missing.is_empty());
-        assert_eq!(
-            verdict(&driver_pv("n2"), &nodes, &mut missing, t0, grace),
-            None
-        );
+        assert_eq!(m.judge(&driver_pv("n1"), t0, grace), None);
+        assert!(m.missing_since.is_empty());
+        assert_eq!(m.judge(&driver_pv("n2"), t0, grace), None);
         let later = t0 + Duration::from_secs(299);
+        assert_eq!(m.judge(&driver_pv("n2"), later, grace), None);
         assert_eq!(
-            verdict(&driver_pv("n2"), &nodes, &mut missing, later, grace),
-            None
-        );
-        let after = t0 + grace;
-        assert_eq!(
-            verdict(&driver_pv("n2"), &nodes, &mut missing, after, grace).as_deref(),
+            m.judge(&driver_pv("n2"), t0 + grace, grace).as_deref(),
             Some("node n2 no longer exists")
         );
         assert!(
-            verdict(&driver_pv("n3"), &nodes, &mut missing, t0, Duration::ZERO).is_some(),
+            m.judge(&driver_pv("n3"), t0, Duration::ZERO).is_some(),
             "no grace: at once"
         );
     }
 
     #[test]
-    fn a_pv_marked_lost_goes_at_once_and_an_unpinned_one_never() {
-        let nodes: HashSet<String> = ["n1".to_string()].into();
-        let mut missing = HashMap::new();
+    fn a_lost_mark_waits_out_the_grace_and_an_unpinned_pv_never_goes() {
+        let mut m = Memory::new();
         let mut lost = driver_pv("n1");
         lost.lost = Some("wiped".into());
-        let why = verdict(&lost, &nodes, &mut missing, Instant::now(), Duration::MAX);
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(300);
+        assert_eq!(m.judge(&lost, t0, grace), None);
+        let why = m.judge(&lost, t0 + grace, grace);
         assert!(why.is_some_and(|w| w.contains("wiped")));
         let mut unpinned = driver_pv("n9");
         unpinned.node = None;
-        assert_eq!(
-            verdict(
-                &unpinned,
-                &nodes,
-                &mut missing,
-                Instant::now(),
-                Duration::ZERO
-            ),
-            None
-        );
+        assert_eq!(m.judge(&unpinned, t0, Duration::ZERO), None);
     }
 }

@@ -94,7 +94,14 @@ impl LeaderElection {
                 );
                 let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
                 let free = spec.holder_identity.as_deref().is_none_or(str::is_empty);
-                if !ours && !free && !self.expired(record) {
+                // The holder's own duration, as it wrote it: replicas configured differently
+                // (an upgrade in progress) still agree on when its lease ends.
+                let lasts = spec
+                    .lease_duration_seconds
+                    .and_then(|s| u64::try_from(s).ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(self.duration);
+                if !ours && !free && !self.expired(record, lasts) {
                     self.renewed = None;
                     return Ok(false);
                 }
@@ -122,10 +129,10 @@ impl LeaderElection {
         }
     }
 
-    /// Whether `record` has stood unchanged for a lease duration on this replica's clock.
-    fn expired(&mut self, record: Record) -> bool {
+    /// Whether `record` has stood unchanged for `lasts` on this replica's clock.
+    fn expired(&mut self, record: Record, lasts: Duration) -> bool {
         match &self.observed {
-            Some((seen, since)) if *seen == record => since.elapsed() >= self.duration,
+            Some((seen, since)) if *seen == record => since.elapsed() >= lasts,
             _ => {
                 self.observed = Some((record, Instant::now()));
                 false

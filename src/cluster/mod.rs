@@ -9,7 +9,7 @@ mod lease;
 mod lost;
 
 pub use cleanup::{CleanupConfig, run_cleanup};
-pub(crate) use lost::mark_lost_volumes;
+pub(crate) use lost::{PoolEvidence, mark_lost_volumes};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
@@ -72,22 +72,47 @@ impl<'a> Cluster<'a> {
             .map_err(|e| ClusterError::Api(format!("GET {path}: {e}")))
     }
 
-    /// Every PV in the cluster (the API cannot select by `spec.csi.driver`).
-    pub(crate) async fn persistent_volumes(&self) -> Result<Vec<PersistentVolume>, ClusterError> {
-        let list: Option<k8s_openapi::List<PersistentVolume>> =
-            self.get_json("/api/v1/persistentvolumes").await?;
-        Ok(list.map(|l| l.items).unwrap_or_default())
+    /// Every item of a list, a page of 500 at a time (`limit` and `continue`), so a large
+    /// cluster's list neither times out nor arrives in one piece.
+    async fn list_all<T>(&self, path: &str) -> Result<Vec<T>, ClusterError>
+    where
+        T: k8s_openapi::ListableResource + DeserializeOwned,
+    {
+        let mut items = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page_path = match &next {
+                Some(token) => format!("{path}?limit=500&continue={}", path_segment(token)),
+                None => format!("{path}?limit=500"),
+            };
+            let page: k8s_openapi::List<T> = self
+                .get_json(&page_path)
+                .await?
+                .ok_or_else(|| ClusterError::Api(format!("GET {path}: HTTP 404")))?;
+            items.extend(page.items);
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => next = Some(token),
+                None => return Ok(items),
+            }
+        }
     }
 
-    /// The names of the nodes that exist.
+    /// Every PV in the cluster (the API cannot select by `spec.csi.driver`).
+    pub(crate) async fn persistent_volumes(&self) -> Result<Vec<PersistentVolume>, ClusterError> {
+        self.list_all("/api/v1/persistentvolumes").await
+    }
+
+    /// The names of the nodes that exist. An empty list is an error: the caller runs on a
+    /// node, so an empty answer is a broken one, and would read as "every node is gone".
     pub(crate) async fn node_names(&self) -> Result<Vec<String>, ClusterError> {
-        let list: Option<k8s_openapi::List<Node>> = self.get_json("/api/v1/nodes").await?;
-        let list = list.ok_or_else(|| ClusterError::Api("GET /api/v1/nodes: HTTP 404".into()))?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter_map(|n| n.metadata.name)
-            .collect())
+        let nodes: Vec<Node> = self.list_all("/api/v1/nodes").await?;
+        let names: Vec<String> = nodes.into_iter().filter_map(|n| n.metadata.name).collect();
+        if names.is_empty() {
+            return Err(ClusterError::Api(
+                "GET /api/v1/nodes: an empty list; not trusted".into(),
+            ));
+        }
+        Ok(names)
     }
 
     async fn patch_pv(&self, name: &str, patch: serde_json::Value) -> Result<(), ClusterError> {
@@ -114,14 +139,36 @@ impl<'a> Cluster<'a> {
         .await
     }
 
-    /// Deletes PV `name` (a PV already gone counts as deleted).
-    pub(crate) async fn delete_pv(&self, name: &str) -> Result<(), ClusterError> {
+    /// Deletes PV `name` if it is still the object `uid` names (a PV deleted and made again
+    /// under the same name meanwhile is not touched: HTTP 409); one already gone counts as
+    /// deleted.
+    pub(crate) async fn delete_pv(&self, name: &str, uid: &str) -> Result<(), ClusterError> {
         let path = format!("/api/v1/persistentvolumes/{}", path_segment(name));
-        let (status, _) = self.send(Method::DELETE, &path, None).await?;
+        let options = if uid.is_empty() {
+            serde_json::json!({"apiVersion": "v1", "kind": "DeleteOptions"})
+        } else {
+            serde_json::json!({"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}})
+        };
+        let (status, _) = self
+            .send(
+                Method::DELETE,
+                &path,
+                Some((JSON, options.to_string().into_bytes())),
+            )
+            .await?;
         match status {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
             s => Err(ClusterError::Api(format!("DELETE {path}: HTTP {s}"))),
         }
+    }
+
+    /// Removes the lost mark of PV `name`.
+    pub(crate) async fn clear_lost(&self, name: &str) -> Result<(), ClusterError> {
+        self.patch_pv(
+            name,
+            serde_json::json!({"metadata": {"annotations": {LOST_ANNOTATION: null}}}),
+        )
+        .await
     }
 
     /// Removes every finalizer of PV `name`: the provisioner that would have removed its own
@@ -214,6 +261,7 @@ pub(crate) struct ClaimRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DriverPv {
     pub(crate) name: String,
+    pub(crate) uid: String,
     pub(crate) volume_id: String,
     /// The node its affinity pins it to (`topology.sealvol.io/node`).
     pub(crate) node: Option<String>,
@@ -250,6 +298,7 @@ impl DriverPv {
         });
         Some(DriverPv {
             name: pv.metadata.name.clone()?,
+            uid: pv.metadata.uid.clone().unwrap_or_default(),
             volume_id: csi.volume_handle.clone(),
             node,
             phase: pv

@@ -45,6 +45,27 @@ impl LoopIndex {
         }
     }
 
+    /// Every loop device bound to the file at `backing`, by a scan of all of them (which also
+    /// refreshes the index): for the paths that release a volume's devices, which must not
+    /// miss one attached behind the plugin's back or a second one over the same file.
+    pub(crate) fn find_all(&self, backing: &Path) -> Result<Vec<AttachedLoop>, SysError> {
+        let Some(file) = FileId::of(backing)? else {
+            return Ok(Vec::new());
+        };
+        let found: Vec<AttachedLoop> = sys::attached_loops()?
+            .into_iter()
+            .filter(|l| l.backing == file)
+            .collect();
+        let mut guard = self.by_file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(map) = guard.as_mut() {
+            match found.first() {
+                Some(l) => map.insert(file, l.number),
+                None => map.remove(&file),
+            };
+        }
+        Ok(found)
+    }
+
     /// Records a device this process has just bound to `backing`.
     pub(crate) fn attached(&self, backing: FileId, number: u32) {
         let mut guard = self.by_file.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,21 +162,33 @@ mod tests {
             Some(b_number)
         );
 
-        // Detach a: its entry is stale. Recorded again and its number then bound to c (the
-        // kernel hands out the lowest free number), the entry must not lead to c's device.
+        // Detach a: its entry is stale. An entry naming a number that is now bound to another
+        // file (c) must not lead to c's device.
         let mut before = before;
-        let a_number = before.0.as_ref().map(|d| d.number()).expect("device");
         before.0.take().expect("device").detach().expect("detach a");
         assert!(index.find(&a).expect("find a").is_none());
-        index.attached(file_id(&a), a_number);
         let c = volume_file(tmp.path(), "c.img");
-        let _c_device = Attached(Some(
+        let c_device = Attached(Some(
             LoopDevice::attach(&c, 1 << 20, "sealvol:test").expect("attach c"),
         ));
+        let c_number = c_device.0.as_ref().map(|d| d.number()).expect("device");
+        index.attached(file_id(&a), c_number);
         assert!(
             index.find(&a).expect("find a").is_none(),
             "a stale entry is checked against the kernel"
         );
+        // A second device over b, which the index never learnt of: find_all sees both.
+        let _b_twin = Attached(Some(
+            LoopDevice::attach(&b, 1 << 20, "sealvol:test").expect("attach b again"),
+        ));
+        let all: Vec<u32> = index
+            .find_all(&b)
+            .expect("scan")
+            .iter()
+            .map(|l| l.number)
+            .collect();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(all.contains(&b_number));
         assert!(
             index
                 .find(&tmp.path().join("missing.img"))

@@ -112,3 +112,29 @@ pub(crate) fn zero_allocated_ranges(
     }
     file.sync_data().map_err(|e| SysError::io("fsync", path, e))
 }
+
+/// The trusted xattr the write probe sets (only CAP_SYS_ADMIN sees the trusted namespace, so
+/// a pod's listing of its directory does not show it).
+const PROBE_XATTR: &std::ffi::CStr = c"trusted.sealvol.probe";
+
+/// Makes one small journaled metadata write on the directory at `path` (sets a one-byte
+/// trusted xattr). ext4 notices a journal that a failed write aborted only when a write starts:
+/// until then the filesystem answers reads and statfs as if healthy. EROFS or EIO means the
+/// filesystem refuses writes.
+pub(crate) fn probe_metadata_write(path: &Path) -> Result<(), Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let value = [1u8];
+    // SAFETY: both strings are NUL-terminated and outlive the call; `value` is a valid buffer
+    // of the length passed; the kernel only reads them.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            PROBE_XATTR.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(Errno::last()) }
+}

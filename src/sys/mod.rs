@@ -16,7 +16,8 @@ mod mountinfo;
 pub(crate) use cmd::{BlkidProbe, Tools};
 pub(crate) use error::SysError;
 pub(crate) use fs::{
-    FsUsage, allocated_bytes, fsync_dir, punch_hole, reserve, statvfs, zero_allocated_ranges,
+    FsUsage, allocated_bytes, fsync_dir, probe_metadata_write, punch_hole, reserve, statvfs,
+    zero_allocated_ranges,
 };
 pub(crate) use fscrypt::{
     KEY_IDENTIFIER_SIZE, KeyStatus, Removal, add_key, forbid_core_dumps, key_status,

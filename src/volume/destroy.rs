@@ -20,7 +20,7 @@ impl Manager {
     /// FAILED_PRECONDITION when the volume is mounted anywhere on this node; otherwise frees a
     /// loop device left without a mount.
     pub(super) fn ensure_unused(&self, vol: &Volume) -> Result<(), VolumeError> {
-        if let Some(l) = self.loops.find(&vol.file.path)? {
+        for l in self.loops.find_all(&vol.file.path)? {
             let table = MountTable::read()?;
             let dev = l.device_path().to_string_lossy().into_owned();
             let mounts: Vec<String> = table
@@ -43,7 +43,8 @@ impl Manager {
     pub(super) fn release_loop(&self, vol: &Volume) -> Result<(), VolumeError> {
         let deadline = std::time::Instant::now() + LOOP_RELEASE_WAIT;
         loop {
-            let Some(l) = self.loops.find(&vol.file.path)? else {
+            // A scan, not the index: every device over the file goes, however it got there.
+            let Some(l) = self.loops.find_all(&vol.file.path)?.into_iter().next() else {
                 return Ok(());
             };
             let table = MountTable::read()?;

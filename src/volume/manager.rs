@@ -174,11 +174,37 @@ impl Manager {
         })
     }
 
-    /// Whether no pool of this node holds any volume (a fresh or a wiped disk).
-    pub(crate) fn pools_empty(&self) -> bool {
-        self.pools
-            .disks()
-            .all(|(_, disk)| disk.volume_ids().is_ok_and(|ids| ids.is_empty()))
+    /// What the pools say about volumes that are missing from them: whether they are empty,
+    /// and whether a missing file may mean something else than a lost volume. A directory pool
+    /// on the state directory's own filesystem may be the mount point of a disk not mounted
+    /// yet (kubelet's DirectoryOrCreate makes it on the root disk): its volumes would be on
+    /// that disk, not gone.
+    pub(crate) fn pool_evidence(&self) -> crate::cluster::PoolEvidence {
+        let device_of = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+                .ok()
+        };
+        let state = device_of(&self.settings.state_dir);
+        let doubt = self.pools.disks().find_map(|(pool, disk)| {
+            let same = disk.device.is_none() && device_of(&disk.dir) == state;
+            same.then(|| {
+                format!(
+                    "pool {}'s directory {} is on the same filesystem as the state directory {}: if its disk is not mounted yet, its volumes are there, not gone",
+                    pool.name,
+                    disk.dir.display(),
+                    self.settings.state_dir.display()
+                )
+            })
+        });
+        crate::cluster::PoolEvidence {
+            pools: self.pools.names(),
+            empty: self
+                .pools
+                .disks()
+                .all(|(_, disk)| disk.volume_ids().is_ok_and(|ids| ids.is_empty())),
+            doubt,
+        }
     }
 
     /// The Kubernetes API client, when the node has one.

@@ -303,6 +303,17 @@ impl Manager {
                 device.device_path().display()
             )));
         }
+        // A journal aborted by a failed write (a thin volume's pool filled) shows nowhere until
+        // a write starts; kubelet asks every minute or so, and the probe is one small write.
+        if let Err(e) = sys::probe_metadata_write(path)
+            && matches!(e, nix::errno::Errno::EROFS | nix::errno::Errno::EIO)
+        {
+            return Ok(Some(format!(
+                "ext4 on volume {} refuses writes ({e}): a write underneath it failed and aborted its journal (on a thin volume most likely because the pool filled), so data written since may be lost (see the node's kernel log for {})",
+                vol.id,
+                device.device_path().display()
+            )));
+        }
         let len = std::fs::metadata(&vol.file.path)
             .map_err(io_err("stat", &vol.file.path))?
             .len();

@@ -31,6 +31,8 @@ pub struct Objects {
     pub mutations: Vec<Mutation>,
     /// GETs of the PV list, to know how many passes a controller made.
     pub pv_lists: u64,
+    /// Answer the node list with this status instead (a broken API).
+    pub nodes_status: Option<u16>,
     pub resource_version: u64,
 }
 
@@ -62,6 +64,7 @@ pub fn pv(name: &str, driver: &str, volume_id: &str, node: &str, phase: &str) ->
         "kind": "PersistentVolume",
         "metadata": {
             "name": name,
+            "uid": format!("uid-pv-{name}"),
             "finalizers": ["kubernetes.io/pv-protection", "external-provisioner.volume.kubernetes.io/finalizer"]
         },
         "spec": {
@@ -139,6 +142,9 @@ pub async fn serve(objects: Objects) -> (String, Shared) {
             "/api/v1/nodes",
             axum::routing::get(|State(s): State<Shared>| async move {
                 let o = s.lock().unwrap();
+                if let Some(status) = o.nodes_status {
+                    return StatusCode::from_u16(status).unwrap().into_response();
+                }
                 let items = o
                     .nodes
                     .iter()
@@ -185,12 +191,18 @@ pub async fn serve(objects: Objects) -> (String, Shared) {
                  Path(name): Path<String>,
                  method: Method,
                  uri: Uri,
-                 headers: HeaderMap| async move {
+                 headers: HeaderMap,
+                 body: String| async move {
                     let mut o = s.lock().unwrap();
                     record(&mut o, &method, &uri, &headers);
                     let Some(pv) = o.pvs.get_mut(&name) else {
                         return StatusCode::NOT_FOUND.into_response();
                     };
+                    let options: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let wanted = &options["preconditions"]["uid"];
+                    if !wanted.is_null() && *wanted != pv["metadata"]["uid"] {
+                        return StatusCode::CONFLICT.into_response();
+                    }
                     if has_finalizers(pv) {
                         pv["metadata"]["deletionTimestamp"] = json!("2026-11-26T00:00:00Z");
                         Json(pv.clone())
