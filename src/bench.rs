@@ -14,6 +14,7 @@ use sealvol::proto::csi::v1 as csi;
 use tokio::sync::Semaphore;
 
 mod chaos;
+mod snapshots;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -57,6 +58,10 @@ pub struct BenchArgs {
     /// every volume's data (`chaos.rs`).
     #[arg(long, value_parser = crate::parse_duration)]
     chaos: Option<Duration>,
+    /// Instead of lifecycles: snapshot and restore times against the data a volume holds
+    /// (64 MiB, 512 MiB, 2 GiB written), next to `cp --sparse=always` of its file.
+    #[arg(long)]
+    snapshots: bool,
     /// Instead of lifecycles: fio on a plain and an encrypted volume of the same pool
     /// (sequential 1 MiB and random 4 KiB, read and write); needs fio.
     #[arg(long)]
@@ -555,6 +560,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let client = node.start(&[("SEALVOL_LOG", "warn")]).await?;
     if let Some(duration) = args.chaos {
         return chaos::run(node, client, setup, &args, bytes, duration).await;
+    }
+    if args.snapshots {
+        return snapshots::run(node, client, setup, &args).await;
     }
     if args.foreign_mounts > 0 {
         return scale(node, client, setup, &args, bytes).await;

@@ -168,6 +168,10 @@ struct NodeArgs {
     /// not even the kernel maps; Linux 5.14+ with secretmem enabled).
     #[arg(long, value_enum, default_value_t = KeyMemoryArg::Locked)]
     key_memory: KeyMemoryArg,
+    /// The longest a snapshot keeps a staged volume's filesystem frozen (its writers wait
+    /// meanwhile); a copy that would take longer is abandoned and the volume thawed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    snapshot_freeze_limit: std::time::Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -254,6 +258,7 @@ fn main() -> anyhow::Result<()> {
                 reauthorize_interval: a.reauthorize_interval,
                 revoke_grace: a.revoke_grace,
                 kube_api_url: a.kube_api_url,
+                snapshot_freeze_limit: a.snapshot_freeze_limit,
                 kube_token_file: a.kube_token_file,
                 kube_ca_file: a.kube_ca_file,
                 service_account_lookup: a.service_account_lookup,

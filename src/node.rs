@@ -49,6 +49,8 @@ pub struct NodeConfig {
     /// The Kubernetes API for ServiceAccount annotations: None uses the in-cluster one when
     /// there is one; `service_account_lookup` false turns the lookup off.
     pub kube_api_url: Option<String>,
+    /// The longest a snapshot may keep a volume's filesystem frozen before it gives up.
+    pub snapshot_freeze_limit: Duration,
     pub kube_token_file: Option<PathBuf>,
     pub kube_ca_file: Option<PathBuf>,
     pub service_account_lookup: bool,
@@ -376,6 +378,7 @@ pub async fn run_node(
             policy,
             loop_owner,
             refused_inline_ttl: cfg.refused_inline_ttl,
+            snapshot_freeze_limit: cfg.snapshot_freeze_limit,
         },
         pools,
         tools,

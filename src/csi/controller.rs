@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status};
 use super::{log_id, parse, run_blocking};
 use crate::proto::csi::v1 as csi;
 use crate::volume::{
-    CreateRequest, Manager, VolumeError, VolumeParams, VolumeSummary, volume_context,
+    CreateRequest, Manager, SnapshotSummary, VolumeError, VolumeId, VolumeParams, VolumeSummary,
+    volume_context,
 };
 
 use csi::controller_service_capability::{Rpc, Type, rpc};
@@ -27,6 +28,21 @@ fn to_volume(s: &VolumeSummary, node_id: &str) -> csi::Volume {
     }
 }
 
+fn to_snapshot(s: &SnapshotSummary) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: s.id.to_string(),
+        source_volume_id: s.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created_unix as i64,
+            nanos: 0,
+        }),
+        // The copy is complete before CreateSnapshot answers.
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
 #[tonic::async_trait]
 impl csi::controller_server::Controller for ControllerService {
     async fn create_volume(
@@ -36,12 +52,6 @@ impl csi::controller_server::Controller for ControllerService {
         let req = request.into_inner();
         let manager = Arc::clone(&self.manager);
         run_blocking("CreateVolume", String::new(), move || {
-            if req.volume_content_source.is_some() {
-                return Err(VolumeError::InvalidArgument {
-                    field: "volume_content_source",
-                    message: "snapshots and clones are not supported".into(),
-                });
-            }
             if !req.mutable_parameters.is_empty() {
                 return Err(VolumeError::InvalidArgument {
                     field: "mutable_parameters",
@@ -54,10 +64,14 @@ impl csi::controller_server::Controller for ControllerService {
                 capacity: parse::capacity_range(req.capacity_range.as_ref()),
                 params: VolumeParams::from_parameters(&parse::to_btree(&req.parameters))?,
                 requisite_nodes: parse::requisite_nodes(req.accessibility_requirements.as_ref()),
+                source: parse::content_source(req.volume_content_source.as_ref())?,
             };
             let summary = manager.create_volume(&create)?;
+            let mut volume = to_volume(&summary, manager.node_id());
+            // Made from a source: the answer names it, as the spec asks.
+            volume.content_source = req.volume_content_source;
             Ok(csi::CreateVolumeResponse {
-                volume: Some(to_volume(&summary, manager.node_id())),
+                volume: Some(volume),
             })
         })
         .await
@@ -182,6 +196,114 @@ impl csi::controller_server::Controller for ControllerService {
         .map(Response::new)
     }
 
+    async fn create_snapshot(
+        &self,
+        request: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        run_blocking("CreateSnapshot", log_id(&req.source_volume_id), move || {
+            if req.name.is_empty() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "name",
+                    message: "is required".into(),
+                });
+            }
+            if req.source_volume_id.is_empty() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "source_volume_id",
+                    message: "is required".into(),
+                });
+            }
+            parse::snapshot_parameters(&req.parameters)?;
+            let source = parse::existing_volume_id(&req.source_volume_id)?;
+            let snapshot = manager.create_snapshot(&req.name, &source)?;
+            Ok(csi::CreateSnapshotResponse {
+                snapshot: Some(to_snapshot(&snapshot)),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        run_blocking("DeleteSnapshot", log_id(&req.snapshot_id), move || {
+            if req.snapshot_id.is_empty() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "snapshot_id",
+                    message: "is required".into(),
+                });
+            }
+            manager.delete_snapshot(&req.snapshot_id)?;
+            Ok(csi::DeleteSnapshotResponse {})
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        run_blocking("ListSnapshots", String::new(), move || {
+            // Ids sealvol never issued name nothing: an empty list, as the spec wants.
+            let unknown = (!req.snapshot_id.is_empty()
+                && VolumeId::parse_snapshot(&req.snapshot_id).is_err())
+                || (!req.source_volume_id.is_empty()
+                    && VolumeId::parse(&req.source_volume_id).is_err());
+            let (snapshots, next) = if unknown {
+                (Vec::new(), None)
+            } else {
+                manager.list_snapshots(
+                    &req.snapshot_id,
+                    &req.source_volume_id,
+                    &req.starting_token,
+                    req.max_entries,
+                )?
+            };
+            Ok(csi::ListSnapshotsResponse {
+                entries: snapshots
+                    .iter()
+                    .map(|s| csi::list_snapshots_response::Entry {
+                        snapshot: Some(to_snapshot(s)),
+                    })
+                    .collect(),
+                next_token: next.unwrap_or_default(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        run_blocking("GetSnapshot", log_id(&req.snapshot_id), move || {
+            if req.snapshot_id.is_empty() {
+                return Err(VolumeError::InvalidArgument {
+                    field: "snapshot_id",
+                    message: "is required".into(),
+                });
+            }
+            let snapshot = manager.get_snapshot(&req.snapshot_id)?;
+            Ok(csi::GetSnapshotResponse {
+                snapshot: Some(to_snapshot(&snapshot)),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
     async fn controller_get_capabilities(
         &self,
         _: Request<csi::ControllerGetCapabilitiesRequest>,
@@ -197,6 +319,11 @@ impl csi::controller_server::Controller for ControllerService {
             // NodeExpandVolume on the node that holds the volume grows file and filesystem.
             // ControllerExpandVolume answers UNIMPLEMENTED (the generated default).
             rpc::Type::SingleNodeMultiWriter,
+            // Snapshots and clones live beside their volume, on its node.
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
+            rpc::Type::GetSnapshot,
+            rpc::Type::CloneVolume,
         ];
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: caps

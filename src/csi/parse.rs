@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use crate::proto::csi::v1 as csi;
 use crate::volume::{
-    AccessMode, Capability, CapacityRange, TOPOLOGY_KEY, VolumeError, VolumeId, check_fs_type,
-    parse_mount_flags,
+    AccessMode, Capability, CapacityRange, ContentSource, TOPOLOGY_KEY, VolumeError, VolumeId,
+    check_fs_type, parse_mount_flags,
 };
 
 use csi::volume_capability::AccessType;
@@ -41,6 +41,57 @@ pub(super) fn existing_volume_id(raw: &str) -> Result<VolumeId, VolumeError> {
             "volume_id: {m}, so no such volume exists on this node"
         ))
     })
+}
+
+/// CreateVolume's `volume_content_source`: a snapshot or a volume that must exist here
+/// (an id sealvol never issued names none: NOT_FOUND).
+pub(super) fn content_source(
+    source: Option<&csi::VolumeContentSource>,
+) -> Result<Option<ContentSource>, VolumeError> {
+    use csi::volume_content_source::Type;
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    match &source.r#type {
+        Some(Type::Snapshot(s)) => VolumeId::parse_snapshot(&s.snapshot_id)
+            .map(|id| Some(ContentSource::Snapshot(id)))
+            .map_err(|m| {
+                VolumeError::NotFound(format!(
+                    "volume_content_source.snapshot.snapshot_id: {m}, so no such snapshot exists on this node"
+                ))
+            }),
+        Some(Type::Volume(v)) => VolumeId::parse(&v.volume_id)
+            .map(|id| Some(ContentSource::Volume(id)))
+            .map_err(|m| {
+                VolumeError::NotFound(format!(
+                    "volume_content_source.volume.volume_id: {m}, so no such volume exists on this node"
+                ))
+            }),
+        None => Err(invalid(
+            "volume_content_source",
+            "names neither a snapshot nor a volume",
+        )),
+    }
+}
+
+/// CreateSnapshot's parameters: only the ones external-snapshotter adds
+/// (`csi.storage.k8s.io/...`), which say nothing sealvol needs.
+pub(super) fn snapshot_parameters(
+    params: &std::collections::HashMap<String, String>,
+) -> Result<(), VolumeError> {
+    match params
+        .keys()
+        .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+    {
+        Some(k) => Err(invalid(
+            "parameters",
+            format!(
+                "{:?} is not a snapshot parameter sealvol knows (it takes none)",
+                k.chars().take(64).collect::<String>()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 pub(super) fn capacity_range(range: Option<&csi::CapacityRange>) -> CapacityRange {

@@ -17,7 +17,7 @@ pub(crate) fn to_status(e: VolumeError) -> Status {
         VolumeError::ResourceExhausted(_) => Code::ResourceExhausted,
         VolumeError::OutOfRange(_) => Code::OutOfRange,
         // The CSI spec asks for ABORTED on a starting_token the plugin cannot use.
-        VolumeError::BadStartingToken(_) => Code::Aborted,
+        VolumeError::BadStartingToken(_) | VolumeError::Aborted(_) => Code::Aborted,
         VolumeError::Header { .. } | VolumeError::Corrupt(_) => Code::DataLoss,
         VolumeError::Unauthenticated(_) => Code::Unauthenticated,
         VolumeError::PermissionDenied(_) => Code::PermissionDenied,

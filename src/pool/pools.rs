@@ -12,6 +12,9 @@ use crate::sys::{self, SysError, Tools};
 const VOLUME_SUFFIX: &str = ".img";
 const CREATING_SUFFIX: &str = ".img.creating";
 const DELETING_SUFFIX: &str = ".img.deleting";
+/// A snapshot: a sparse copy of a volume file, with a header of its own.
+const SNAPSHOT_SUFFIX: &str = ".snap";
+const SNAPSHOT_CREATING_SUFFIX: &str = ".snap.creating";
 
 /// A `--pool` flag, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +124,23 @@ impl Disk {
         self.dir.join(format!("{id}{DELETING_SUFFIX}"))
     }
 
+    pub(crate) fn snapshot_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}{SNAPSHOT_SUFFIX}"))
+    }
+
+    pub(crate) fn snapshot_creating_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}{SNAPSHOT_CREATING_SUFFIX}"))
+    }
+
+    /// Ids of the complete snapshots on this disk.
+    pub(crate) fn snapshot_ids(&self) -> Result<Vec<String>, SysError> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(SNAPSHOT_SUFFIX).map(str::to_string))
+            .collect())
+    }
+
     /// Ids of the complete volumes on this disk.
     pub(crate) fn volume_ids(&self) -> Result<Vec<String>, SysError> {
         Ok(self
@@ -140,7 +160,9 @@ impl Disk {
                 .map(|n| self.dir.join(n))
                 .collect::<Vec<_>>()
         };
-        Ok((pick(CREATING_SUFFIX), pick(DELETING_SUFFIX)))
+        let mut creating = pick(CREATING_SUFFIX);
+        creating.extend(pick(SNAPSHOT_CREATING_SUFFIX));
+        Ok((creating, pick(DELETING_SUFFIX)))
     }
 
     fn names(&self) -> Result<Vec<String>, SysError> {
@@ -305,6 +327,14 @@ impl Pools {
     pub(crate) fn find_volume(&self, id: &str) -> Option<VolumeFile> {
         self.disks().find_map(|(_, disk)| {
             let path = disk.volume_path(id);
+            path.exists().then_some(VolumeFile { path })
+        })
+    }
+
+    /// Where snapshot `id` lives, if it exists.
+    pub(crate) fn find_snapshot(&self, id: &str) -> Option<VolumeFile> {
+        self.disks().find_map(|(_, disk)| {
+            let path = disk.snapshot_path(id);
             path.exists().then_some(VolumeFile { path })
         })
     }

@@ -5,6 +5,7 @@
 //! crate lives in this module, each block with a `// SAFETY:` note.
 
 mod cmd;
+mod copy;
 mod error;
 mod fs;
 mod fscrypt;
@@ -14,6 +15,7 @@ mod mount;
 mod mountinfo;
 
 pub(crate) use cmd::{BlkidProbe, Tools};
+pub(crate) use copy::{Copied, copy_file, freeze, thaw};
 pub(crate) use error::SysError;
 pub(crate) use fs::{
     FsUsage, allocated_bytes, fsync_dir, probe_metadata_write, punch_hole, reserve, statvfs,

@@ -25,6 +25,8 @@ pub(crate) struct CreateRequest {
     pub(crate) params: VolumeParams,
     /// `accessibility_requirements.requisite`: when not empty, one entry must name this node.
     pub(crate) requisite_nodes: Vec<Option<String>>,
+    /// `volume_content_source`: a snapshot to restore or a volume to clone.
+    pub(crate) source: Option<super::snapshot::ContentSource>,
 }
 
 /// What the CO learns about a volume.
@@ -73,6 +75,9 @@ impl Manager {
         if let Some(vol) = self.load(&id)? {
             return self.check_compatible(vol, req);
         }
+        if let Some(source) = &req.source {
+            return self.create_volume_from(req, &id, source);
+        }
 
         let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
         let file_bytes = HEADER_BYTES + capacity;
@@ -85,6 +90,8 @@ impl Manager {
         })?;
         let record = VolumeRecord {
             refused_since_ms: None,
+            source: None,
+            grow_filesystem: false,
             volume_id: id.to_string(),
             name: req.name.clone(),
             capacity_bytes: capacity,
@@ -98,16 +105,7 @@ impl Manager {
             formatted: false,
             kms: req.params.kms.clone(),
             on_revoke: req.params.on_revoke,
-            owner: req
-                .params
-                .pvc
-                .as_ref()
-                .map(|(namespace, name)| EventTarget {
-                    kind: "PersistentVolumeClaim".into(),
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    uid: String::new(),
-                }),
+            owner: owner_of(req),
         };
         self.create_file(disk, &record)?;
         tracing::info!(volume.id = %id, volume.name = %req.name, pool = %pool.name, capacity, "volume created");
@@ -264,7 +262,10 @@ impl Manager {
 }
 
 /// Whether two volumes name the same KEK (the wrapped key and its identifier aside).
-fn same_kek(a: Option<&crate::keys::KmsRecord>, b: Option<&crate::keys::KmsRecord>) -> bool {
+pub(super) fn same_kek(
+    a: Option<&crate::keys::KmsRecord>,
+    b: Option<&crate::keys::KmsRecord>,
+) -> bool {
     match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => {
@@ -278,6 +279,19 @@ fn same_kek(a: Option<&crate::keys::KmsRecord>, b: Option<&crate::keys::KmsRecor
         }
         _ => false,
     }
+}
+
+/// The claim events about a new volume go to (external-provisioner's --extra-create-metadata).
+pub(super) fn owner_of(req: &CreateRequest) -> Option<EventTarget> {
+    req.params
+        .pvc
+        .as_ref()
+        .map(|(namespace, name)| EventTarget {
+            kind: "PersistentVolumeClaim".into(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: String::new(),
+        })
 }
 
 pub(super) fn summary(id: &VolumeId, r: &VolumeRecord) -> VolumeSummary {

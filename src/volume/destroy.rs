@@ -68,18 +68,8 @@ impl Manager {
 
     /// Renames the file out of the volume namespace, then wipes and removes it.
     pub(super) fn destroy(&self, vol: &Volume) -> Result<(), VolumeError> {
-        let path = &vol.file.path;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let deleting = Disk {
-            dir: dir.clone(),
-            device: None,
-        }
-        .deleting_path(vol.id.as_str());
-        std::fs::rename(path, &deleting).map_err(io_err("rename", path))?;
-        sys::fsync_dir(&dir)?;
-        crash::point("delete.renamed");
         let start = std::time::Instant::now();
-        self.finish_destroy(&deleting)?;
+        self.destroy_file(vol)?;
         self.publications_gone(&vol.id)?;
         if let Some(owner) = &vol.record.owner {
             self.release.event(
@@ -109,6 +99,21 @@ impl Manager {
             );
         }
         Ok(())
+    }
+
+    /// Renames a volume's or snapshot's file out of its namespace, then wipes and removes it.
+    pub(super) fn destroy_file(&self, vol: &Volume) -> Result<(), VolumeError> {
+        let path = &vol.file.path;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let deleting = Disk {
+            dir: dir.clone(),
+            device: None,
+        }
+        .deleting_path(vol.id.as_str());
+        std::fs::rename(path, &deleting).map_err(io_err("rename", path))?;
+        sys::fsync_dir(&dir)?;
+        crash::point("delete.renamed");
+        self.finish_destroy(&deleting)
     }
 
     /// Wipes and removes a file renamed for deletion: with `wipe=zero` its allocated blocks

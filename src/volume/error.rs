@@ -28,6 +28,9 @@ pub(crate) enum VolumeError {
     ResourceExhausted(String),
     #[error("{0}")]
     OutOfRange(String),
+    /// The call gave up part-way, leaving nothing behind; retrying may succeed.
+    #[error("{0}")]
+    Aborted(String),
     #[error("starting_token {0:?} was not issued by this driver")]
     BadStartingToken(String),
     #[error("volume {volume_id}: header: {source}")]

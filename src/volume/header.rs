@@ -52,6 +52,13 @@ pub(crate) struct VolumeRecord {
     /// keyless, for kubelet's retries; `--refused-inline-ttl` later it is removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) refused_since_ms: Option<u64>,
+    /// A snapshot's volume, or the snapshot or volume a volume was restored or cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) source: Option<String>,
+    /// The filesystem is smaller than the volume (restored from a smaller snapshot): the next
+    /// stage grows it before mounting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) grow_filesystem: bool,
 }
 
 /// A Kubernetes object to post events on.
@@ -153,6 +160,8 @@ mod tests {
     fn record(capacity: u64) -> VolumeRecord {
         VolumeRecord {
             refused_since_ms: None,
+            source: None,
+            grow_filesystem: false,
             volume_id: "sv-00000000000000000000000000000000".into(),
             name: "pvc-1".into(),
             capacity_bytes: capacity,

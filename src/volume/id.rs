@@ -3,7 +3,9 @@
 //! Two shapes are accepted: `sv-` and 32 lowercase hex digits, which CreateVolume derives from
 //! the volume's name (so a repeated CreateVolume finds its volume without a lookup table), and
 //! `csi-` and 64 lowercase hex digits, the id kubelet gives a CSI inline ephemeral volume.
-//! Nothing else can name a volume, so an id never contains `/` or `..`.
+//! Nothing else can name a volume, so an id never contains `/` or `..`. Snapshots have ids
+//! of their own shape, `ss-` and 32 hex digits derived from the snapshot's name, which only
+//! `parse_snapshot` accepts (a snapshot id never names a volume, nor the other way round).
 
 use std::fmt;
 
@@ -13,6 +15,7 @@ const OWN_PREFIX: &str = "sv-";
 const OWN_HEX: usize = 32;
 const INLINE_PREFIX: &str = "csi-";
 const INLINE_HEX: usize = 64;
+const SNAPSHOT_PREFIX: &str = "ss-";
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct VolumeId(String);
@@ -38,17 +41,40 @@ impl VolumeId {
 
     /// The id CreateVolume gives the volume named `name`.
     pub(crate) fn for_name(name: &str) -> VolumeId {
-        let digest = Sha256::digest(name.as_bytes());
-        let hex: String = digest[..OWN_HEX / 2]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        VolumeId(format!("{OWN_PREFIX}{hex}"))
+        VolumeId(format!("{OWN_PREFIX}{}", name_digest(name)))
+    }
+
+    /// The id CreateSnapshot gives the snapshot named `name`.
+    pub(crate) fn snapshot_for_name(name: &str) -> VolumeId {
+        VolumeId(format!("{SNAPSHOT_PREFIX}{}", name_digest(name)))
+    }
+
+    /// Checks `raw` as a snapshot id; the error says what is accepted.
+    pub(crate) fn parse_snapshot(raw: &str) -> Result<VolumeId, String> {
+        let ok = raw.strip_prefix(SNAPSHOT_PREFIX).is_some_and(|rest| {
+            rest.len() == OWN_HEX && rest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        if ok {
+            Ok(VolumeId(raw.to_string()))
+        } else {
+            Err(format!(
+                "a {}-byte value that is not a sealvol snapshot id (expected \"ss-\" and 32 lowercase hex digits)",
+                raw.len()
+            ))
+        }
     }
 
     pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The first 16 bytes of SHA-256 of `name`, in hex.
+fn name_digest(name: &str) -> String {
+    Sha256::digest(name.as_bytes())[..OWN_HEX / 2]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl fmt::Display for VolumeId {
@@ -68,6 +94,16 @@ mod tests {
         assert_eq!(VolumeId::parse(own.as_str()).unwrap(), own);
         let inline = format!("csi-{}", "ab".repeat(32));
         assert!(VolumeId::parse(&inline).is_ok());
+    }
+
+    #[test]
+    fn snapshot_ids_are_their_own_shape() {
+        let snap = VolumeId::snapshot_for_name("snapshot-1");
+        assert_eq!(VolumeId::parse_snapshot(snap.as_str()).unwrap(), snap);
+        assert!(VolumeId::parse(snap.as_str()).is_err());
+        let vol = VolumeId::for_name("snapshot-1");
+        assert!(VolumeId::parse_snapshot(vol.as_str()).is_err());
+        assert!(VolumeId::parse_snapshot("ss-../../etc").is_err());
     }
 
     #[test]

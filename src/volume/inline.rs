@@ -163,6 +163,8 @@ impl Manager {
         })?;
         let record = VolumeRecord {
             refused_since_ms: None,
+            source: None,
+            grow_filesystem: false,
             volume_id: id.to_string(),
             name: id.to_string(),
             capacity_bytes: size,

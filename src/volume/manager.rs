@@ -43,6 +43,8 @@ pub(crate) struct NodeSettings {
     pub(crate) refused_inline_ttl: Duration,
     /// This node plugin's tag in the labels of the loop devices it attaches (`loop_owner`).
     pub(crate) loop_owner: String,
+    /// The longest a snapshot may keep a volume's filesystem frozen.
+    pub(crate) snapshot_freeze_limit: Duration,
 }
 
 /// A loaded volume: where its file is and what its header says.

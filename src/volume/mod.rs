@@ -18,6 +18,7 @@ mod policy;
 mod publish;
 mod recover;
 mod release;
+mod snapshot;
 mod stage;
 
 pub(crate) use create::{CreateRequest, VolumeSummary, volume_context};
@@ -35,6 +36,7 @@ pub(crate) use params::{
 pub(crate) use policy::{NodePolicy, default_vault_hosts, parse_host_rules, parse_key_modes};
 pub(crate) use publish::PublishRequest;
 pub(crate) use release::{KeyRelease, PodAuth};
+pub(crate) use snapshot::{ContentSource, SnapshotSummary};
 
 /// The fscrypt key identifier recorded in the header of the volume file at `path`, if any.
 pub(crate) fn recorded_key_identifier(path: &std::path::Path) -> Option<String> {

@@ -43,6 +43,8 @@ pub(crate) enum Lifecycle {
     Persistent,
     /// A CSI inline volume: created by its NodePublishVolume, destroyed by its unpublish.
     Ephemeral,
+    /// A snapshot of a volume (CreateSnapshot), never staged; lives until DeleteSnapshot.
+    Snapshot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

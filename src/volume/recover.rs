@@ -16,6 +16,8 @@ pub(crate) struct RecoveryReport {
     pub(crate) removed_orphan_mounts: usize,
     pub(crate) detached_orphan_loops: usize,
     pub(crate) kept_volumes_in_use: usize,
+    /// Filesystems a snapshot froze and the driver died before thawing.
+    pub(crate) thawed_filesystems: usize,
 }
 
 impl Manager {
@@ -30,7 +32,11 @@ impl Manager {
     /// unlinked, lives on a pool's filesystem and was last named like a volume file. Devices
     /// another node plugin attached are left alone, even over the same filesystem.
     pub(crate) fn recover(&self) -> Result<RecoveryReport, VolumeError> {
-        let mut report = RecoveryReport::default();
+        // First: a filesystem a snapshot left frozen blocks every writer until thawed.
+        let mut report = RecoveryReport {
+            thawed_filesystems: self.thaw_recorded_freezes()?,
+            ..RecoveryReport::default()
+        };
         for (_, disk) in self.pools.disks() {
             let (creating, deleting) = disk.unfinished()?;
             for path in creating {

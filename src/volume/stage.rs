@@ -107,6 +107,13 @@ impl Manager {
             self.save(vol)?;
             crash::point("stage.formatted");
         }
+        if vol.record.grow_filesystem {
+            // Restored from a smaller snapshot: the filesystem grows to the volume first.
+            crypt::grow_offline(&self.tools, &device.path())?;
+            vol.record.grow_filesystem = false;
+            self.save(vol)?;
+            tracing::info!(volume.id = %vol.id, "filesystem grown to the restored volume's size");
+        }
         std::fs::create_dir_all(at).map_err(io_err("mkdir", at))?;
         sys::mount_fs(&device.path(), at, "ext4", flags)?;
         crash::point("stage.mounted");

@@ -1,0 +1,455 @@
+//! Snapshots, restores and clones, all on the node that holds the volume.
+//!
+//! A snapshot is a copy of the volume's file beside it (`<id>.snap`): the ciphertext of an
+//! encrypted volume, and a header of its own that carries the volume's wrapped DEK and KEK
+//! reference, never an unwrapped key, so taking one needs no token. The copy is a reflink where
+//! the pool's filesystem has them, else only the ranges that hold data. A volume staged here is
+//! frozen (FIFREEZE) around the copy, so the copy is crash-consistent; the freeze is recorded in
+//! the state directory before it starts, so recovery thaws it if the driver dies meanwhile, and
+//! a copy that outlasts `--snapshot-freeze-limit` is abandoned and the volume thawed rather than
+//! writers stalled. A restore or clone copies the same way into a new volume file that keeps the
+//! source's wrapped DEK: its first publish needs an identity Key Vault authorizes, like any
+//! volume's. Files are written under a temporary name and renamed into place, so a crash leaves
+//! no half snapshot or volume (recovery removes the temporary ones).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::create::{CreateRequest, VolumeSummary, summary};
+use super::header::{self, HEADER_BYTES, VolumeRecord};
+use super::id::VolumeId;
+use super::params::{Lifecycle, MIN_CAPACITY, Provisioning};
+use super::{
+    Manager, Volume, VolumeError, crash, invalid, io_err, is_fs_mount_of, not_found, now_unix,
+};
+use crate::pool::{Disk, VolumeFile};
+use crate::sys::{self, Copied, MountTable};
+
+/// Freezes in progress, one file per volume naming the mount point (for recovery).
+const FREEZES_DIR: &str = "freezes";
+
+/// What the CO learns about a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotSummary {
+    pub(crate) id: VolumeId,
+    pub(crate) source_volume_id: String,
+    /// The size of a volume restored from it, at least.
+    pub(crate) size_bytes: u64,
+    pub(crate) created_unix: u64,
+}
+
+/// Where a new volume's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ContentSource {
+    Snapshot(VolumeId),
+    Volume(VolumeId),
+}
+
+fn snapshot_summary(id: &VolumeId, r: &VolumeRecord) -> SnapshotSummary {
+    SnapshotSummary {
+        id: id.clone(),
+        source_volume_id: r.source.clone().unwrap_or_default(),
+        size_bytes: r.capacity_bytes,
+        created_unix: r.created_unix,
+    }
+}
+
+fn disk_of(file: &VolumeFile) -> Disk {
+    Disk {
+        dir: file
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        device: None,
+    }
+}
+
+impl Manager {
+    fn load_snapshot(&self, id: &VolumeId) -> Result<Option<Volume>, VolumeError> {
+        let Some(file) = self.pools.find_snapshot(id.as_str()) else {
+            return Ok(None);
+        };
+        let mut f = match File::open(&file.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &file.path)(e)),
+        };
+        let (record, generation) = header::read(&mut f).map_err(|source| VolumeError::Header {
+            volume_id: id.to_string(),
+            source,
+        })?;
+        if record.volume_id != id.as_str() || record.lifecycle != Lifecycle::Snapshot {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "the file of snapshot {id} carries the header of {}",
+                record.volume_id
+            )));
+        }
+        Ok(Some(Volume {
+            id: id.clone(),
+            file,
+            record,
+            generation,
+        }))
+    }
+
+    /// Takes snapshot `name` of volume `source`, or returns it if it exists (ALREADY_EXISTS if
+    /// it is of another volume).
+    pub(crate) fn create_snapshot(
+        &self,
+        name: &str,
+        source: &VolumeId,
+    ) -> Result<SnapshotSummary, VolumeError> {
+        super::params::check_name(name)?;
+        let id = VolumeId::snapshot_for_name(name);
+        let _snapshot_guard = self.lock(&id)?;
+        if let Some(existing) = self.load_snapshot(&id)? {
+            if existing.record.source.as_deref() == Some(source.as_str()) {
+                return Ok(snapshot_summary(&id, &existing.record));
+            }
+            return Err(VolumeError::AlreadyExists(format!(
+                "snapshot {name:?} exists as {id}, of volume {}, not {source}",
+                existing.record.source.as_deref().unwrap_or("?")
+            )));
+        }
+        let _volume_guard = self.lock(source)?;
+        let vol = self.load(source)?.ok_or_else(|| not_found(source))?;
+        if vol.record.lifecycle != Lifecycle::Persistent {
+            return Err(invalid(
+                "source_volume_id",
+                format!(
+                    "{source} is an inline volume; only volumes made by CreateVolume have snapshots"
+                ),
+            ));
+        }
+        let disk = disk_of(&vol.file);
+        let tmp = disk.snapshot_creating_path(id.as_str());
+        self.copy_from_volume(&vol, &tmp)?;
+        let record = VolumeRecord {
+            volume_id: id.to_string(),
+            name: name.to_string(),
+            lifecycle: Lifecycle::Snapshot,
+            created_unix: now_unix(),
+            owner: None,
+            refused_since_ms: None,
+            source: Some(source.to_string()),
+            grow_filesystem: false,
+            ..vol.record.clone()
+        };
+        finish_file(&tmp, &disk.snapshot_path(id.as_str()), &record, &disk)?;
+        tracing::info!(snapshot.id = %id, volume.id = %source, "snapshot taken");
+        Ok(snapshot_summary(&id, &record))
+    }
+
+    /// Copies `vol`'s file to `to`, frozen if it is staged here.
+    fn copy_from_volume(&self, vol: &Volume, to: &Path) -> Result<(), VolumeError> {
+        let mount = match self.loops.find(&vol.file.path)? {
+            Some(l) => MountTable::read()?
+                .entries()
+                .iter()
+                .find(|m| is_fs_mount_of(m, &l))
+                .map(|m| m.mount_point.clone()),
+            None => None,
+        };
+        let Some(mount) = mount else {
+            return copy_into(&vol.file.path, to, None);
+        };
+        let record = self.record_freeze(&vol.id, &mount)?;
+        sys::freeze(&mount)?;
+        crash::point("snapshot.frozen");
+        let deadline = Instant::now() + self.settings.snapshot_freeze_limit;
+        let copied = copy_into(&vol.file.path, to, Some(deadline));
+        let thawed = sys::thaw(&mount);
+        if thawed.is_ok() {
+            let _ = std::fs::remove_file(&record);
+        }
+        copied?;
+        thawed?;
+        Ok(())
+    }
+
+    fn record_freeze(&self, id: &VolumeId, mount: &Path) -> Result<PathBuf, VolumeError> {
+        let dir = self.settings.state_dir.join(FREEZES_DIR);
+        std::fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+        let path = dir.join(id.as_str());
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err("create", &dir))?;
+        std::io::Write::write_all(&mut tmp, mount.as_os_str().as_encoded_bytes())
+            .map_err(io_err("write", &path))?;
+        tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
+        tmp.persist(&path)
+            .map_err(|e| io_err("rename", &path)(e.error))?;
+        sys::fsync_dir(&dir)?;
+        Ok(path)
+    }
+
+    /// Thaws every filesystem a snapshot froze and did not thaw (the driver died during the
+    /// copy); returns how many. Runs before anything else at start.
+    pub(super) fn thaw_recorded_freezes(&self) -> Result<usize, VolumeError> {
+        let dir = self.settings.state_dir.join(FREEZES_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let mut thawed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+            let mount = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+            if mount.exists() {
+                sys::thaw(&mount)?;
+                thawed += 1;
+                tracing::warn!(mount = %mount.display(), "thawed a filesystem a snapshot left frozen");
+            }
+            // Else unmounted since (a reboot): nothing is frozen.
+            std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
+        }
+        Ok(thawed)
+    }
+
+    /// Deletes and wipes a snapshot like a volume; one that does not exist (or an id that is
+    /// not a snapshot's) is already deleted.
+    pub(crate) fn delete_snapshot(&self, raw_id: &str) -> Result<(), VolumeError> {
+        let Ok(id) = VolumeId::parse_snapshot(raw_id) else {
+            return Ok(());
+        };
+        let _guard = self.lock(&id)?;
+        let Some(snap) = self.load_snapshot(&id)? else {
+            return Ok(());
+        };
+        self.destroy_file(&snap)?;
+        tracing::info!(snapshot.id = %id, "snapshot deleted and wiped");
+        Ok(())
+    }
+
+    pub(crate) fn get_snapshot(&self, raw_id: &str) -> Result<SnapshotSummary, VolumeError> {
+        let id = VolumeId::parse_snapshot(raw_id).map_err(VolumeError::NotFound)?;
+        let snap = self
+            .load_snapshot(&id)?
+            .ok_or_else(|| VolumeError::NotFound(format!("snapshot {id} does not exist")))?;
+        Ok(snapshot_summary(&id, &snap.record))
+    }
+
+    /// Snapshots in id order, filtered by id or source volume, `max_entries` at a time (0:
+    /// all); the token is the last id returned.
+    pub(crate) fn list_snapshots(
+        &self,
+        snapshot_id: &str,
+        source_volume_id: &str,
+        starting_token: &str,
+        max_entries: i32,
+    ) -> Result<(Vec<SnapshotSummary>, Option<String>), VolumeError> {
+        if max_entries < 0 {
+            return Err(invalid("max_entries", "must not be negative"));
+        }
+        let after = if starting_token.is_empty() {
+            None
+        } else {
+            Some(VolumeId::parse_snapshot(starting_token).map_err(|_| {
+                VolumeError::BadStartingToken(starting_token.chars().take(80).collect())
+            })?)
+        };
+        let mut ids = Vec::new();
+        for (_, disk) in self.pools.disks() {
+            for raw in disk.snapshot_ids()? {
+                if let Ok(id) = VolumeId::parse_snapshot(&raw)
+                    && (snapshot_id.is_empty() || snapshot_id == raw)
+                    && after.as_ref().is_none_or(|a| &id > a)
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort();
+        let limit = if max_entries == 0 {
+            usize::MAX
+        } else {
+            max_entries as usize
+        };
+        let mut out: Vec<SnapshotSummary> = Vec::new();
+        let mut next = None;
+        for id in ids {
+            let snap = match self.load_snapshot(&id) {
+                Ok(Some(s)) => snapshot_summary(&id, &s.record),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(snapshot.id = %id, error = %e, "skipping unreadable snapshot");
+                    continue;
+                }
+            };
+            if !source_volume_id.is_empty() && snap.source_volume_id != source_volume_id {
+                continue;
+            }
+            if out.len() == limit {
+                next = out.last().map(|s| s.id.to_string());
+                break;
+            }
+            out.push(snap);
+        }
+        Ok((out, next))
+    }
+
+    /// CreateVolume with a content source: a new volume, on the source's disk, holding the
+    /// snapshot's or volume's filesystem and its wrapped DEK. The StorageClass must name the
+    /// source's key mode and KEK (INVALID_ARGUMENT otherwise); the capacity may be larger than
+    /// the source's, and the filesystem then grows at the first stage.
+    pub(super) fn create_volume_from(
+        &self,
+        req: &CreateRequest,
+        id: &VolumeId,
+        from: &ContentSource,
+    ) -> Result<VolumeSummary, VolumeError> {
+        let (source_id, source, _guard, field) = match from {
+            ContentSource::Snapshot(s) => {
+                let guard = self.lock(s)?;
+                let snap = self
+                    .load_snapshot(s)?
+                    .ok_or_else(|| VolumeError::NotFound(format!("snapshot {s} does not exist")))?;
+                (s, snap, guard, "volume_content_source.snapshot")
+            }
+            ContentSource::Volume(v) => {
+                let guard = self.lock(v)?;
+                let vol = self.load(v)?.ok_or_else(|| not_found(v))?;
+                if vol.record.lifecycle != Lifecycle::Persistent {
+                    return Err(invalid(
+                        "volume_content_source.volume",
+                        format!(
+                            "{v} is an inline volume; only volumes made by CreateVolume can be cloned"
+                        ),
+                    ));
+                }
+                (v, vol, guard, "volume_content_source.volume")
+            }
+        };
+        let r = &source.record;
+        if req.params.key_mode != r.key_mode
+            || !super::create::same_kek(r.kms.as_ref(), req.params.kms.as_ref())
+        {
+            return Err(invalid(
+                "parameters",
+                format!(
+                    "{source_id} has keyMode {} and its own Key Vault key; a volume made from it keeps them (and its wrapped DEK): use a StorageClass with the same keyMode, vault and key ({field})",
+                    r.key_mode.as_str()
+                ),
+            ));
+        }
+        if let Some(pool) = &req.params.pool
+            && pool != &r.pool
+        {
+            return Err(invalid(
+                "parameters.pool",
+                format!(
+                    "{source_id} is in pool {}; a volume made from it is placed beside it",
+                    r.pool
+                ),
+            ));
+        }
+        let capacity = req
+            .capacity
+            .resolve()?
+            .max(r.capacity_bytes)
+            .max(MIN_CAPACITY);
+        if !req.capacity.admits(capacity) {
+            return Err(VolumeError::OutOfRange(format!(
+                "{source_id} holds {} bytes; capacity_range allows no volume that large",
+                r.capacity_bytes
+            )));
+        }
+        let disk = disk_of(&source.file);
+        let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        let free = disk.space()?.promisable_bytes;
+        if HEADER_BYTES + capacity > free {
+            return Err(VolumeError::ResourceExhausted(format!(
+                "the disk of {source_id} has {free} bytes to promise; a volume of {capacity} bytes made from it needs them beside it"
+            )));
+        }
+        let tmp = disk.creating_path(id.as_str());
+        match from {
+            ContentSource::Snapshot(_) => copy_into(&source.file.path, &tmp, None)?,
+            ContentSource::Volume(_) => self.copy_from_volume(&source, &tmp)?,
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err("open", &tmp))?;
+        file.set_len(HEADER_BYTES + capacity)
+            .map_err(io_err("size", &tmp))?;
+        if req.params.provisioning == Provisioning::Thick
+            && let Err(e) = sys::reserve(&file, &tmp, 0, HEADER_BYTES + capacity)
+        {
+            drop(file);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(super::create::reserve_error(e, capacity));
+        }
+        drop(file);
+        let record = VolumeRecord {
+            volume_id: id.to_string(),
+            name: req.name.clone(),
+            capacity_bytes: capacity,
+            lifecycle: Lifecycle::Persistent,
+            wipe: req.params.wipe,
+            provisioning: req.params.provisioning,
+            created_unix: now_unix(),
+            on_revoke: req.params.on_revoke,
+            owner: super::create::owner_of(req),
+            refused_since_ms: None,
+            source: Some(source_id.to_string()),
+            grow_filesystem: r.formatted && capacity > r.capacity_bytes,
+            ..r.clone()
+        };
+        finish_file(&tmp, &disk.volume_path(id.as_str()), &record, &disk)?;
+        tracing::info!(volume.id = %id, source = %source_id, capacity, "volume made from {}", if matches!(from, ContentSource::Snapshot(_)) { "a snapshot" } else { "a clone" });
+        Ok(summary(id, &record))
+    }
+}
+
+/// Copies the file at `from` into a new file at `to` (replacing a leftover), abandoning it when
+/// `deadline` passes first.
+fn copy_into(from: &Path, to: &Path, deadline: Option<Instant>) -> Result<(), VolumeError> {
+    let source = File::open(from).map_err(io_err("open", from))?;
+    let target = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(to)
+        .map_err(io_err("create", to))?;
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
+    match sys::copy_file(&source, &target, from, deadline)? {
+        Copied::TimedOut => {
+            drop(target);
+            let _ = std::fs::remove_file(to);
+            Err(VolumeError::Aborted(format!(
+                "copying {} did not finish within --snapshot-freeze-limit while its filesystem was frozen; it was thawed and the copy abandoned (retry when it is less busy, or raise the limit)",
+                from.display()
+            )))
+        }
+        Copied::Reflinked | Copied::Sparse(_) => Ok(()),
+    }
+}
+
+/// Gives the copy at `tmp` a header of its own (both slots of the source's erased first, so
+/// no older generation of them can win), syncs it and renames it to `path`.
+fn finish_file(
+    tmp: &Path,
+    path: &Path,
+    record: &VolumeRecord,
+    disk: &Disk,
+) -> Result<(), VolumeError> {
+    let header_err = |source| VolumeError::Header {
+        volume_id: record.volume_id.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp)
+        .map_err(io_err("open", tmp))?;
+    header::erase(&mut file).map_err(header_err)?;
+    header::write(&mut file, record, 0).map_err(header_err)?;
+    file.sync_all().map_err(io_err("fsync", tmp))?;
+    drop(file);
+    crash::point("snapshot.before_rename");
+    std::fs::rename(tmp, path).map_err(io_err("rename", tmp))?;
+    sys::fsync_dir(&disk.dir)?;
+    Ok(())
+}
