@@ -1,6 +1,8 @@
 """Renders charts/sealvol with Helm's own engine (helm-python-sdk: Helm v4 as a library, no
 helm binary) into the manifests under deploy/: deploy/sealvol.yaml with the default values,
-and deploy/rendered/<name>.yaml for each file in charts/sealvol/examples/.
+and deploy/rendered/<name>.yaml for each file in charts/sealvol/examples/. Objects whose kind
+comes from CRDs a cluster may lack (the VolumeSnapshotClasses a values file lists) go to
+deploy/snapshot-classes/<name>.yaml instead, so that the files above apply on any cluster.
 
     python3 hack/chart/render.py          # rewrite deploy/
     python3 hack/chart/render.py --check  # exit 1 if deploy/ is out of date
@@ -16,8 +18,12 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CHART = os.path.join(ROOT, "charts", "sealvol")
 EXAMPLES = os.path.join(CHART, "examples")
 RELEASE, NAMESPACE = "sealvol", "kube-system"
+# Kinds from external-snapshotter's CRDs, which the cluster provides or not: rendered apart.
+SNAPSHOT_KINDS = {"VolumeSnapshotClass"}
+SNAPSHOT_DIR = "deploy/snapshot-classes"
+HEADER = "# Rendered from charts/sealvol by hack/chart/render.py; do not edit by hand.\n"
 ORDER = ["serviceaccount.yaml", "rbac.yaml", "admissionpolicy.yaml", "csidriver.yaml", "storageclass.yaml",
-         "daemonset.yaml", "cleanup.yaml", "networkpolicy.yaml", "monitoring.yaml"]
+         "snapshotclass.yaml", "daemonset.yaml", "cleanup.yaml", "networkpolicy.yaml", "monitoring.yaml"]
 
 
 def example_values():
@@ -30,8 +36,8 @@ def example_values():
     return out
 
 
-def render(values):
-    """The chart's manifests for `values`, as one multi-document YAML text."""
+def documents(values):
+    """The chart's objects for `values`, in ORDER, each as its YAML text with a Source line."""
     chart = helm.Chart.load(CHART)
     rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE)
     unknown = sorted(k for k in rendered if k.removeprefix("sealvol/templates/") not in ORDER)
@@ -44,8 +50,16 @@ def render(values):
             doc = doc.strip().lstrip("-").strip()
             if doc:
                 docs.append(f"# Source: charts/sealvol/templates/{name}\n{doc}\n")
-    header = "# Rendered from charts/sealvol by hack/chart/render.py; do not edit by hand.\n"
-    return header + "---\n".join(docs)
+    return docs
+
+
+def render(values):
+    """The chart's manifests for `values`, as one multi-document YAML text."""
+    return HEADER + "---\n".join(documents(values))
+
+
+def kind(doc):
+    return yaml.safe_load(doc)["kind"]
 
 
 def outputs():
@@ -53,7 +67,16 @@ def outputs():
     out = {}
     for name, values in example_values():
         path = "deploy/sealvol.yaml" if name == "default" else f"deploy/rendered/{name}.yaml"
-        out[path] = render(values)
+        docs = documents(values)
+        apart = [d for d in docs if kind(d) in SNAPSHOT_KINDS]
+        header = HEADER
+        if apart:
+            extra = f"{SNAPSHOT_DIR}/{name}.yaml"
+            header += f"# Its VolumeSnapshotClasses are in {extra} (they need the VolumeSnapshot CRDs).\n"
+            out[extra] = (HEADER + f"# The VolumeSnapshotClasses of {path}'s values, apart: their kind comes from the\n"
+                          "# VolumeSnapshot CRDs (https://github.com/kubernetes-csi/external-snapshotter).\n"
+                          + "---\n".join(apart))
+        out[path] = header + "---\n".join(d for d in docs if d not in apart)
     return out
 
 

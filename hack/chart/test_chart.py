@@ -3,11 +3,13 @@ values and every example values file, and the rendered objects checked: the CSID
 resources on every container, the DaemonSet mounting what the driver's flags point at, the
 sidecars dialling the driver's socket with flags their pinned releases document, the RBAC rules
 exactly, the cleanup controller's Deployment (its flags, an unprivileged pod, a ServiceAccount
-and exact RBAC of its own, off with cleanup.enabled: false), the admission policy evaluated on
-sample requests (cel-python), alerts and dashboard checked against the metrics the driver
-registers (src/metrics.rs), and deploy/ up to date with the chart. (That each object in deploy/
-is a valid Kubernetes object, with no unknown field, is checked in Rust against k8s-openapi:
-tests/manifests.rs.)
+and exact RBAC of its own, off with cleanup.enabled: false), csi-snapshotter on every node and
+its exact rules (off with snapshots.enabled: false), VolumeSnapshotClasses from values, the
+admission policy evaluated on sample requests (cel-python), alerts and dashboard checked against
+the metrics the driver registers (src/metrics.rs), and deploy/ up to date with the chart. (That
+each object in deploy/ is a valid Kubernetes object, with no unknown field, is checked in Rust
+against k8s-openapi: tests/manifests.rs. k8s-openapi has no snapshot types, so the
+VolumeSnapshotClasses are rendered apart, into deploy/snapshot-classes/, and checked here.)
 """
 
 import glob
@@ -113,6 +115,16 @@ def containers(objs):
 #     --handle-volume-inuse-error: "false ... to save costs associated with watching all pods").
 #   livenessprobe v2.20.0: CHANGELOG/CHANGELOG-2.20.md (Kubernetes 1.37 dependencies); flags in
 #     cmd/livenessprobe/main.go (--csi-address, --http-endpoint).
+#   external-snapshotter (csi-snapshotter) v8.7.0: CHANGELOG/CHANGELOG-8.7.md (k8s.io client libraries
+#     v0.36.2; "Enabled the VolumeGroupSnapshot feature gate", #1475, which keeps the
+#     gate for this release and honours it set to false). Flags in cmd/csi-snapshotter/main.go:
+#     --csi-address, --node-deployment ("deploying the sidecar controller together with a CSI
+#     driver on nodes"; needs the NODE_NAME variable, and exits when --leader-election is set
+#     too), --extra-create-metadata, --timeout ("for any RPCs to the CSI driver", default 1m),
+#     --feature-gates (CSIVolumeGroupSnapshot), and klog's --v. With --extra-create-metadata the
+#     sidecar takes the VolumeSnapshot's name and namespace from the content's volumeSnapshotRef
+#     (pkg/sidecar-controller/snapshot_controller.go, createSnapshotWrapper), so it reads no
+#     VolumeSnapshot. The distributed mode itself: kubernetes-csi/external-snapshotter#585.
 # None of them has a maximum Kubernetes version, so all run on 1.35 and 1.36.
 SIDECARS = {
     "node-driver-registrar": ("registry.k8s.io/sig-storage/csi-node-driver-registrar", "v2.18.0",
@@ -122,8 +134,34 @@ SIDECARS = {
                          "--strict-topology", "--extra-create-metadata"}),
     "csi-resizer": ("registry.k8s.io/sig-storage/csi-resizer", "v2.3.0",
                     {"--csi-address", "--leader-election", "--leader-election-namespace", "--handle-volume-inuse-error"}),
+    "csi-snapshotter": ("registry.k8s.io/sig-storage/csi-snapshotter", "v8.7.0",
+                        {"--csi-address", "--node-deployment", "--extra-create-metadata", "--timeout", "--feature-gates", "--v"}),
     "liveness-probe": ("registry.k8s.io/sig-storage/livenessprobe", "v2.20.0", {"--csi-address", "--http-endpoint"}),
 }
+
+# The rules csi-snapshotter and external-provisioner need on snapshot.storage.k8s.io, all and only
+# with snapshots.enabled; templates/rbac.yaml says who needs which. A verb added there (create or
+# delete on contents, which the upstream rbac.yaml grants for group snapshots) fails here.
+SNAPSHOT_RULES = [
+    {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshotclasses"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshotcontents"],
+     "verbs": ["get", "list", "watch", "update", "patch"]},
+    {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshotcontents/status"], "verbs": ["update", "patch"]},
+    {"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"], "verbs": ["get", "list", "watch", "update"]},
+]
+
+MANIFESTS_RS = os.path.join(render.ROOT, "tests", "manifests.rs")
+
+
+def snapshots_on(values):
+    return values.get("snapshots", {}).get("enabled", True)
+
+
+def manifests_rs_kinds():
+    """The (apiVersion, kind) pairs tests/manifests.rs round-trips through k8s-openapi; it
+    refuses any other kind it finds in deploy/sealvol.yaml, deploy/rendered/ or deploy/examples/."""
+    with open(MANIFESTS_RS) as fh:
+        return set(re.findall(r'\("([a-z0-9./]+)", "([A-Za-z]+)"\) =>', fh.read()))
 
 METRICS_RS = os.path.join(render.ROOT, "src", "metrics.rs")
 MONITORING = os.path.join(render.CHART, "monitoring")
@@ -298,6 +336,7 @@ class Chart(unittest.TestCase):
             names = [c["name"] for c in pod["containers"]]
             self.assertIn("csi-provisioner", names)
             self.assertEqual("csi-resizer" in names, values.get("expansion", {}).get("enabled", True), name)
+            self.assertEqual("csi-snapshotter" in names, snapshots_on(values), name)
             for c in pod["containers"]:
                 if c["name"] == "sealvol":
                     continue
@@ -344,6 +383,8 @@ class Chart(unittest.TestCase):
             expected = [{"apiGroups": g, "resources": r, "verbs": v} for g, r, v in cluster]
             if values.get("serviceAccountLookup", True):
                 expected.append({"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]})
+            if snapshots_on(values):
+                expected += SNAPSHOT_RULES
             self.assertEqual(role["rules"], expected, name)
             for r in role["rules"] + named(objs, "Role", NODE)["rules"]:
                 self.assertNotIn("*", r["verbs"])
@@ -649,7 +690,7 @@ class Chart(unittest.TestCase):
 
     def test_extra_args_and_env_per_container(self):
         names = {"sealvol": "sealvol", "registrar": "node-driver-registrar", "provisioner": "csi-provisioner",
-                 "resizer": "csi-resizer", "livenessprobe": "liveness-probe"}
+                 "resizer": "csi-resizer", "snapshotter": "csi-snapshotter", "livenessprobe": "liveness-probe"}
         values = {"extraArgs": {k: [f"--extra-{k}=1"] for k in names},
                   "extraEnv": {k: [{"name": f"EXTRA_{k.upper()}", "value": "v"},
                                    {"name": "FROM_FIELD", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}] for k in names}}
@@ -663,6 +704,7 @@ class Chart(unittest.TestCase):
             self.assertIn("valueFrom", env["FROM_FIELD"], cname)
         # The chart's own environment stays.
         self.assertIn("NODE_NAME", [e["name"] for e in containers["sealvol"]["env"]])
+        self.assertEqual(containers["csi-snapshotter"]["env"][0]["name"], "NODE_NAME")
         # Defaults add nothing: no env on the sidecars that need none.
         (ds,) = by_kind(objects({}), "DaemonSet")
         containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
@@ -827,6 +869,167 @@ class Chart(unittest.TestCase):
                 render.render({})
         finally:
             render.ORDER = saved
+
+    def test_snapshotter_runs_beside_the_driver_on_every_node(self):
+        objs = objects({})
+        (ds,) = by_kind(objs, "DaemonSet")
+        pod = ds["spec"]["template"]["spec"]
+        cs = containers(objs)
+        snap = cs["csi-snapshotter"]
+        # One per node, for this node's volumes: the distributed mode, which finds its node by
+        # NODE_NAME from the downward API, as external-provisioner does.
+        self.assertIn("--node-deployment", snap["args"])
+        env = {e["name"]: e for e in snap["env"]}
+        self.assertEqual(env["NODE_NAME"], {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+        self.assertEqual(env["NODE_NAME"], {e["name"]: e for e in cs["csi-provisioner"]["env"]}["NODE_NAME"])
+        # The driver's own socket, in the same host directory as the other sidecars'.
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        self.assertEqual(arg(snap["args"], "csi-address"), ["/csi/csi.sock"])
+        self.assertEqual(arg(cs["sealvol"]["args"], "endpoint"), ["unix:///csi/csi.sock"])
+        mount = next(m for m in snap["volumeMounts"] if m["mountPath"] == "/csi")
+        driver_mount = next(m for m in cs["sealvol"]["volumeMounts"] if m["mountPath"] == "/csi")
+        self.assertEqual(mount["name"], driver_mount["name"])
+        self.assertEqual(volumes[mount["name"]]["hostPath"]["path"], "/var/lib/kubelet/plugins/sealvol.csi.io")
+        # The snapshot's names reach CreateSnapshot; a call waits longer than a 30 s freeze.
+        self.assertIn("--extra-create-metadata", snap["args"])
+        self.assertEqual(arg(snap["args"], "timeout"), ["2m"])
+        self.assertEqual(arg(snap["args"], "v"), ["2"])
+        # No group snapshots (the gate is on by default in v8.7.0), no leader election (refused
+        # with --node-deployment; each node acts for itself, so no lease either).
+        self.assertEqual(arg(snap["args"], "feature-gates"), ["CSIVolumeGroupSnapshot=false"])
+        self.assertFalse([a for a in snap["args"] if a.startswith("--leader-election")])
+        leases = [r for r in named(objs, "Role", NODE)["rules"] if "leases" in r["resources"]]
+        self.assertEqual([n for r in leases for n in r.get("resourceNames", [])], ["external-resizer-sealvol-csi-io"])
+        self.assertEqual(snap["resources"], {"requests": {"cpu": "5m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}})
+        self.assertEqual(snap["image"], "registry.k8s.io/sig-storage/csi-snapshotter:v8.7.0")
+        # The timeout is a value.
+        snap = containers(objects({"snapshots": {"timeout": "5m"}}))["csi-snapshotter"]
+        self.assertEqual(arg(snap["args"], "timeout"), ["5m"])
+
+    def test_snapshots_can_be_turned_off(self):
+        for name, values in render.example_values():
+            on = objects({**values, "snapshots": {"enabled": True}, "snapshotClasses": []})
+            off = objects({**values, "snapshots": {"enabled": False}, "snapshotClasses": []})
+            self.assertIn("csi-snapshotter", containers(on), name)
+            self.assertNotIn("csi-snapshotter", containers(off), name)
+            # The container goes, and exactly the snapshot rules with it.
+            on_rules = named(on, "ClusterRole", NODE)["rules"]
+            off_rules = named(off, "ClusterRole", NODE)["rules"]
+            self.assertEqual(off_rules, [r for r in on_rules if r not in SNAPSHOT_RULES], name)
+            self.assertEqual([r for r in on_rules if r not in off_rules], SNAPSHOT_RULES, name)
+            self.assertFalse([r for r in off_rules if "snapshot.storage.k8s.io" in r["apiGroups"]], name)
+            # Nothing else changes.
+            (ds_on,) = by_kind(on, "DaemonSet")
+            (ds_off,) = by_kind(off, "DaemonSet")
+            ds_on["spec"]["template"]["spec"]["containers"] = [
+                c for c in ds_on["spec"]["template"]["spec"]["containers"] if c["name"] != "csi-snapshotter"]
+            self.assertEqual(ds_off, ds_on, name)
+            rest = lambda objs: [o for o in objs if o["kind"] != "DaemonSet" and not (o["kind"] == "ClusterRole" and o["metadata"]["name"] == NODE)]
+            self.assertEqual(rest(off), rest(on), name)
+
+    def test_snapshot_rules_are_exactly_what_the_sidecars_call(self):
+        role = named(objects({}), "ClusterRole", NODE)
+        snapshot_rules = [r for r in role["rules"] if any("snapshot" in g for g in r["apiGroups"])]
+        self.assertEqual(snapshot_rules, SNAPSHOT_RULES)
+        for r in snapshot_rules:
+            self.assertNotIn("create", r["verbs"], r)
+            self.assertNotIn("delete", r["verbs"], r)
+            self.assertNotIn("resourceNames", r)
+        # Nothing of group snapshots: the sidecar runs with their gate off.
+        self.assertFalse([r for r in role["rules"] if "groupsnapshot.storage.k8s.io" in r["apiGroups"]])
+        # The rule list above is what this test checks: changing a verb there fails it.
+        widened = json.loads(json.dumps(SNAPSHOT_RULES))
+        widened[1]["verbs"].append("delete")
+        self.assertNotEqual(snapshot_rules, widened)
+
+    def test_volume_snapshot_classes_from_values(self):
+        for name, values in render.example_values():
+            classes = by_kind(objects(values), "VolumeSnapshotClass")
+            self.assertEqual(len(classes), len(values.get("snapshotClasses", [])), name)
+            for vsc in classes:
+                (csidriver,) = by_kind(objects(values), "CSIDriver")
+                self.assertEqual(vsc["driver"], csidriver["metadata"]["name"], name)
+        # None by default: the chart installs where the VolumeSnapshot CRDs are missing.
+        self.assertEqual(by_kind(objects({}), "VolumeSnapshotClass"), [])
+        objs = objects({"driverName": "local.sealvol.example",
+                        "snapshotClasses": [{"name": "fast", "default": True}, {"name": "kept", "deletionPolicy": "Retain"}]})
+        fast, kept = by_kind(objs, "VolumeSnapshotClass")
+        self.assertEqual(fast["apiVersion"], "snapshot.storage.k8s.io/v1")
+        self.assertEqual((fast["metadata"]["name"], fast["driver"], fast["deletionPolicy"]), ("fast", "local.sealvol.example", "Delete"))
+        self.assertEqual(fast["metadata"]["annotations"], {"snapshot.storage.kubernetes.io/is-default-class": "true"})
+        self.assertEqual((kept["driver"], kept["deletionPolicy"]), ("local.sealvol.example", "Retain"))
+        self.assertNotIn("annotations", kept["metadata"])
+        for vsc in (fast, kept):
+            self.assertNotIn("parameters", vsc, "sealvol takes no snapshot parameters")
+            self.assertEqual(vsc["metadata"]["labels"]["app.kubernetes.io/name"], "sealvol")
+        (csidriver,) = by_kind(objs, "CSIDriver")
+        self.assertEqual(fast["driver"], csidriver["metadata"]["name"])
+        # A class without the snapshotter would take no snapshot.
+        with self.assertRaisesRegex(helm.HelmRenderError, "snapshots.enabled"):
+            objects({"snapshots": {"enabled": False}, "snapshotClasses": [{"name": "x"}]})
+
+    def test_schema_refuses_bad_snapshot_values(self):
+        chart = helm.Chart.load(render.CHART)
+        for bad in [{"snapshots": {"enabled": "yes"}}, {"snapshots": {"timeout": "0"}}, {"snapshots": {"timeout": "0s"}},
+                    {"snapshots": {"timeout": "120"}}, {"snapshots": {"timeout": "2 minutes"}}, {"snapshots": {"timout": "2m"}},
+                    {"snapshots": {"leaderElection": True}},
+                    {"snapshotClasses": [{"name": "x", "parameters": {"fsType": "ext4"}}]},
+                    {"snapshotClasses": [{"name": "Bad_Name"}]}, {"snapshotClasses": [{"default": True}]},
+                    {"snapshotClasses": [{"name": "x", "deletionPolicy": "delete"}]},
+                    {"snapshotClasses": [{"name": "x", "driver": "other.csi.io"}]},
+                    {"sidecars": {"snapshotter": {"image": "registry.k8s.io/sig-storage/csi-snapshotter"}}},
+                    {"extraArgs": {"snapshotter": "--v=5"}}, {"extraEnv": {"snapshotter": [{"value": "no name"}]}}]:
+            with self.assertRaises(helm.HelmValuesError, msg=str(bad)):
+                chart.validate_schema(chart.merge_values(bad))
+        for good in [{"snapshots": {"enabled": False}}, {"snapshots": {"timeout": "90s"}},
+                     {"snapshotClasses": [{"name": "sealvol", "default": True, "deletionPolicy": "Retain", "parameters": {}}]},
+                     {"extraArgs": {"snapshotter": ["--v=5"]}}]:
+            chart.validate_schema(chart.merge_values(good))
+
+    def test_snapshot_requirements_are_documented(self):
+        with open(os.path.join(render.CHART, "values.yaml")) as fh:
+            values = fh.read()
+        with open(os.path.join(render.ROOT, "docs", "operations.md")) as fh:
+            ops = fh.read()
+        for path, text in [("values.yaml", values), ("docs/operations.md", ops)]:
+            for phrase in ["--enable-distributed-snapshotting", "https://github.com/kubernetes-csi/external-snapshotter",
+                           "enabled: false"]:
+                self.assertTrue(phrase in text, f"{path} does not say {phrase!r}")
+        for phrase in ["## Snapshots, restores and clones", "--snapshot-freeze-limit", "snapshots.enabled: false",
+                       "WaitForFirstConsumer", "kubernetes.io/hostname", "INVALID_ARGUMENT", "Azure Blob"]:
+            self.assertTrue(phrase in ops, f"docs/operations.md does not say {phrase!r}")
+
+    def test_deploy_keeps_snapshot_kinds_apart(self):
+        # tests/manifests.rs refuses a kind it has no k8s-openapi type for, and k8s-openapi has no
+        # snapshot types: deploy/sealvol.yaml and deploy/rendered/ hold only kinds it knows, the
+        # VolumeSnapshotClasses go to deploy/snapshot-classes/, checked here field by field.
+        known = manifests_rs_kinds()
+        self.assertIn(("apps/v1", "DaemonSet"), known)
+        outputs = render.outputs()
+        apart = [p for p in outputs if p.startswith(render.SNAPSHOT_DIR + "/")]
+        self.assertTrue(apart, "an example lists a VolumeSnapshotClass, so deploy/snapshot-classes/ is exercised")
+        for path, text in outputs.items():
+            docs = [d for d in yaml.safe_load_all(text) if d]
+            if path in apart:
+                for d in docs:
+                    self.assertEqual((d["apiVersion"], d["kind"]), ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"), path)
+                    # The fields of the v1 CRD's schema, and no other.
+                    self.assertLessEqual(set(d), {"apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"}, path)
+                    self.assertLessEqual(set(d["metadata"]), {"name", "labels", "annotations"}, path)
+                    self.assertIn(d["deletionPolicy"], {"Delete", "Retain"}, path)
+                    self.assertIsInstance(d["driver"], str, path)
+            else:
+                for d in docs:
+                    self.assertIn((d["apiVersion"], d["kind"]), known, f"{path}: tests/manifests.rs would refuse it")
+        for path in glob.glob(os.path.join(render.ROOT, "deploy", "examples", "*.yaml")):
+            with open(path) as fh:
+                for d in (d for d in yaml.safe_load_all(fh) if d):
+                    self.assertIn((d["apiVersion"], d["kind"]), known, path)
+        # Nothing of a snapshot kind is lost on the way: the full render holds it.
+        (name, values) = next((n, v) for n, v in render.example_values() if v.get("snapshotClasses"))
+        self.assertEqual(len(by_kind(objects(values), "VolumeSnapshotClass")), len(values["snapshotClasses"]))
+        self.assertEqual(len([d for d in yaml.safe_load_all(outputs[f"{render.SNAPSHOT_DIR}/{name}.yaml"]) if d]),
+                         len(values["snapshotClasses"]))
 
     def test_deploy_is_up_to_date_with_the_chart(self):
         for path, text in render.outputs().items():
