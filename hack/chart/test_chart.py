@@ -130,7 +130,7 @@ SIDECARS = {
     "node-driver-registrar": ("registry.k8s.io/sig-storage/csi-node-driver-registrar", "v2.18.0",
                               {"--csi-address", "--kubelet-registration-path"}),
     "csi-provisioner": ("registry.k8s.io/sig-storage/csi-provisioner", "v6.4.0",
-                        {"--csi-address", "--node-deployment", "--enable-capacity", "--capacity-ownerref-level",
+                        {"--csi-address", "--node-deployment", "--enable-capacity", "--capacity-ownerref-level", "--timeout",
                          "--strict-topology", "--extra-create-metadata"}),
     "csi-resizer": ("registry.k8s.io/sig-storage/csi-resizer", "v2.3.0",
                     {"--csi-address", "--leader-election", "--leader-election-namespace", "--handle-volume-inuse-error"}),

@@ -1,6 +1,7 @@
 //! `sealvol bench --snapshots`: how long a snapshot and a restore take against the data a
 //! volume holds (64 MiB, 512 MiB, 2 GiB written), next to `cp --sparse=always` of the same
-//! volume file on the same pool, the plain copy a snapshot is measured against.
+//! volume file on the same pool, the plain copy a snapshot is measured against. The page cache
+//! is dropped before each timed copy, so each reads from the disk.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -20,6 +21,13 @@ struct Row {
     snapshot: Duration,
     restore: Duration,
     cp: Duration,
+}
+
+/// Writes dirty pages back and drops the clean ones, so that each timed copy reads from the
+/// disk (whichever copy ran first would otherwise leave the next a warm cache).
+fn cold_cache() -> anyhow::Result<()> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache")
 }
 
 fn ms(d: Duration) -> f64 {
@@ -79,6 +87,7 @@ pub(super) async fn run(
         let target = node.target_path(&pod, &id);
         tokio::task::block_in_place(|| fill(&format!("{target}/data"), written))?;
 
+        cold_cache()?;
         let start = Instant::now();
         let snapshot = client
             .controller
@@ -102,6 +111,7 @@ pub(super) async fn run(
                 },
             )),
         });
+        cold_cache()?;
         let start = Instant::now();
         let restored = client
             .controller
@@ -115,6 +125,7 @@ pub(super) async fn run(
 
         let file = node.pool_dir.join(format!("{id}.img"));
         let copy = node.pool_dir.join("cp-sparse-copy");
+        cold_cache()?;
         let start = Instant::now();
         let status = tokio::process::Command::new("cp")
             .arg("--sparse=always")
