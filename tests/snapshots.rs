@@ -122,7 +122,6 @@ async fn a_snapshot_of_a_busy_volume_restores_what_was_written_before_it_to_its_
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let live = live.join().unwrap();
-    assert!(snap.ready_to_use);
     assert_eq!(snap.source_volume_id, src);
     assert_eq!(snap.size_bytes, 32 * MIB);
     // The same request again is the same snapshot; the same name for another volume is not.
@@ -157,8 +156,14 @@ async fn a_snapshot_of_a_busy_volume_restores_what_was_written_before_it_to_its_
         .into_inner()
         .volume
         .unwrap();
-    assert!(restored.content_source.is_some());
     let rid = restored.volume_id;
+    // The same name again, without the source (or with another), is another volume.
+    let s = refused(
+        c.controller
+            .create_volume(requests::create("pvc-restored", 32 * MIB, &params))
+            .await,
+    );
+    assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
     c.node.node_stage_volume(node.stage(&rid)).await.unwrap();
     // Another identity gets nothing.
     let s = refused(
@@ -472,4 +477,200 @@ impl VolumeIds {
     fn other_snapshot() -> String {
         format!("ss-{}", "0".repeat(32))
     }
+}
+
+/// keyvault-secret seals the DEK bound to the volume's id: a restore keeps the source's seal,
+/// so it must open it with the source's id, and a clone of the restore too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_mode_volume_restores_and_clones() {
+    let azure = Azure::start().await;
+    let (node, mut c) = node_for(&azure).await;
+    let params = azure.params("keyvault-secret");
+    let params: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let src = create_with(&mut c, "pvc-secret-src", 32 * MIB, &params).await;
+    c.node.node_stage_volume(node.stage(&src)).await.unwrap();
+    c.node
+        .node_publish_volume(publish_as(&node, &src, "a", &azure.token("app"), "app"))
+        .await
+        .unwrap();
+    std::fs::write(format!("{}/f", node.target_path("a", &src)), b"sealed").unwrap();
+    nix::unistd::sync();
+    let snap = take_snapshot(&mut c, "snap-secret", &src).await;
+    let restored = c
+        .controller
+        .create_volume(create_from(
+            "pvc-secret-restored",
+            32 * MIB,
+            &params,
+            from_snapshot(&snap.snapshot_id),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let clone = c
+        .controller
+        .create_volume(create_from(
+            "pvc-secret-clone",
+            32 * MIB,
+            &params,
+            from_volume(&restored),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    for (id, pod) in [(&restored, "b"), (&clone, "c")] {
+        c.node.node_stage_volume(node.stage(id)).await.unwrap();
+        c.node
+            .node_publish_volume(publish_as(&node, id, pod, &azure.token("app"), "app"))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(format!("{}/f", node.target_path(pod, id))).unwrap(),
+            b"sealed"
+        );
+    }
+    c.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (id, pod) in [(&clone, "c"), (&restored, "b"), (&src, "a")] {
+        teardown(&node, &mut c, id, pod).await;
+    }
+    assert_clean(&node);
+}
+
+/// A pool on tmpfs (no FIEMAP, no unwritten extents); paging through snapshots; a restore
+/// whose filesystem has not grown yet, cloned, grows in the clone; a delete that dies after
+/// its rename is finished by the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmpfs_pools_paging_pending_growth_and_an_interrupted_delete() {
+    require_root();
+    let mut node = ScratchNode::new(&binary(), None)
+        .unwrap()
+        .pool_on_tmpfs(512 << 20)
+        .unwrap();
+    let mut c = node
+        .start(&[("SEALVOL_CRASH_AT", "delete.renamed")])
+        .await
+        .unwrap();
+    let (src, target) = ready(&node, &mut c, "pvc-tmpfs", 32 * MIB, "a").await;
+    let data = pattern(9, 4 << 20);
+    std::fs::write(format!("{target}/data"), &data).unwrap();
+    nix::unistd::sync();
+    let first = take_snapshot(&mut c, "snap-a", &src).await;
+    let second = take_snapshot(&mut c, "snap-b", &src).await;
+
+    // Paging: one at a time, in id order, each token leading to the next.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest {
+                max_entries: 1,
+                starting_token: token.clone(),
+                source_volume_id: src.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.snapshot.unwrap().snapshot_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut expected = vec![first.snapshot_id.clone(), second.snapshot_id.clone()];
+    expected.sort();
+    assert_eq!(seen, expected);
+
+    // Restored larger and never staged, then cloned at that size: the clone grows.
+    let big = c
+        .controller
+        .create_volume(create_from(
+            "pvc-big",
+            64 * MIB,
+            NONE,
+            from_snapshot(&first.snapshot_id),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let clone = c
+        .controller
+        .create_volume(create_from(
+            "pvc-big-clone",
+            64 * MIB,
+            NONE,
+            from_volume(&big),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    stage_and_publish(&node, &mut c, &clone, "c").await;
+    let clone_target = node.target_path("c", &clone);
+    assert!(std::fs::read(format!("{clone_target}/data")).unwrap() == data);
+    let st = nix::sys::statvfs::statvfs(clone_target.as_str()).unwrap();
+    let bytes = st.blocks() * st.fragment_size();
+    assert!(
+        bytes > 48 * MIB as u64,
+        "the clone's filesystem of {bytes} bytes did not grow"
+    );
+
+    // The delete dies after its rename; the retry wipes what the rename left.
+    assert!(
+        c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: second.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .is_err()
+    );
+    drop(c);
+    node.kill();
+    let mut c = node.start(&[]).await.unwrap();
+    for id in [&second.snapshot_id, &first.snapshot_id] {
+        c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let left: Vec<String> = node
+        .pool_files()
+        .into_iter()
+        .filter(|f| f.starts_with("ss-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    teardown(&node, &mut c, &clone, "c").await;
+    delete(&mut c, &big).await.unwrap();
+    teardown(&node, &mut c, &src, "a").await;
+    assert_clean(&node);
 }

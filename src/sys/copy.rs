@@ -57,29 +57,39 @@ pub(crate) enum Copied {
     TimedOut,
 }
 
-/// Copies `from` (all of it) into the empty file `to`: a reflink when the filesystem has
-/// them, else the ranges holding data, checking `deadline` between chunks. `to` ends with
-/// `from`'s length; what was a hole stays one.
+/// Copies `from` (all of it) into `to`, which holds nothing of it yet: a reflink when
+/// `reflink` allows it and the filesystem has them, else the extents holding written data,
+/// checking `deadline` between chunks. `to` ends at least as long as `from`; what `from` has
+/// as a hole or a reservation reads as zeros in `to`.
 pub(crate) fn copy_file(
     from: &File,
     to: &File,
     what: &Path,
     deadline: Instant,
+    reflink: bool,
 ) -> Result<Copied, SysError> {
-    // SAFETY: FICLONE takes the source's fd as its argument; both fds are open files.
-    match unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd() as libc::c_ulong) } {
-        Ok(_) => return Ok(Copied::Reflinked),
-        // Not a filesystem with shared extents, or not the same one: copy.
-        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => {}
-        Err(e) => return Err(SysError::errno("FICLONE", what, e)),
+    if reflink {
+        // SAFETY: FICLONE takes the source's fd as its argument; both fds are open files.
+        match unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd() as libc::c_ulong) } {
+            Ok(_) => return Ok(Copied::Reflinked),
+            // Not a filesystem with shared extents, or not the same one: copy.
+            Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => {}
+            Err(e) => return Err(SysError::errno("FICLONE", what, e)),
+        }
     }
     const CHUNK: u64 = 8 << 20;
     let size = from
         .metadata()
         .map_err(|e| SysError::io("stat", what, e))?
         .len();
-    to.set_len(size)
-        .map_err(|e| SysError::io("size", what, e))?;
+    let to_len = to
+        .metadata()
+        .map_err(|e| SysError::io("stat", what, e))?
+        .len();
+    if to_len < size {
+        to.set_len(size)
+            .map_err(|e| SysError::io("size", what, e))?;
+    }
     let mut copied = 0u64;
     for (start, len) in written_extents(from, what)? {
         let end = (start + len).min(size);
@@ -101,8 +111,8 @@ pub(crate) fn copy_file(
             })
             .map_err(|e| SysError::errno("copy_file_range", what, e))?;
             if n == 0 {
-                // The source shrank under us: what is left reads as a hole.
-                return Ok(Copied::Sparse(copied));
+                // Its size was read above and nothing else writes it while it is copied.
+                return Err(SysError::errno("copy_file_range", what, Errno::ENODATA));
             }
             at += n as u64;
             copied += n as u64;
@@ -167,8 +177,14 @@ fn written_extents(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError
         };
         // SAFETY: `map` is a valid struct fiemap followed by room for `extent_count` extents,
         // as the kernel expects; it outlives the call.
-        retry_eintr(|| unsafe { fs_ioc_fiemap(file.as_raw_fd(), &mut map) })
-            .map_err(|e| SysError::errno("FS_IOC_FIEMAP", what, e))?;
+        match retry_eintr(|| unsafe { fs_ioc_fiemap(file.as_raw_fd(), &mut map) }) {
+            Ok(_) => {}
+            // No FIEMAP (tmpfs, ZFS): they have no unwritten extents, so SEEK_DATA is exact.
+            Err(Errno::EOPNOTSUPP | Errno::ENOTTY) if start == 0 => {
+                return data_ranges(file, what);
+            }
+            Err(e) => return Err(SysError::errno("FS_IOC_FIEMAP", what, e)),
+        }
         let mapped = (map.mapped_extents as usize).min(EXTENTS_PER_CALL);
         if mapped == 0 {
             return Ok(out);
@@ -187,4 +203,27 @@ fn written_extents(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError
         }
         start = last.logical + last.length;
     }
+}
+
+/// The (offset, length) of every range SEEK_DATA and SEEK_HOLE call data.
+fn data_ranges(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError> {
+    use nix::unistd::{Whence, lseek};
+    let size = file
+        .metadata()
+        .map_err(|e| SysError::io("stat", what, e))?
+        .len();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match lseek(file.as_fd(), pos as i64, Whence::SeekData) {
+            Ok(p) => p as u64,
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(SysError::errno("seek data", what, e)),
+        };
+        let hole = lseek(file.as_fd(), data as i64, Whence::SeekHole)
+            .map_err(|e| SysError::errno("seek hole", what, e))? as u64;
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(out)
 }

@@ -92,6 +92,7 @@ impl Manager {
             refused_since_ms: None,
             source: None,
             grow_filesystem: false,
+            key_bound_to: None,
             volume_id: id.to_string(),
             name: req.name.clone(),
             capacity_bytes: capacity,
@@ -119,6 +120,19 @@ impl Manager {
     ) -> Result<VolumeSummary, VolumeError> {
         let r = &vol.record;
         let pool_matches = req.params.pool.as_deref().is_none_or(|p| p == r.pool);
+        let wanted_source = req.source.as_ref().map(|s| match s {
+            super::snapshot::ContentSource::Snapshot(id)
+            | super::snapshot::ContentSource::Volume(id) => id.to_string(),
+        });
+        if wanted_source != r.source {
+            return Err(VolumeError::AlreadyExists(format!(
+                "volume {:?} exists as {}, made from {}: not from {}",
+                req.name,
+                vol.id,
+                r.source.as_deref().unwrap_or("nothing"),
+                wanted_source.as_deref().unwrap_or("nothing")
+            )));
+        }
         if r.name != req.name
             || r.lifecycle != Lifecycle::Persistent
             || !req.capacity.admits(r.capacity_bytes)

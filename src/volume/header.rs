@@ -59,6 +59,11 @@ pub(crate) struct VolumeRecord {
     /// stage grows it before mounting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) grow_filesystem: bool,
+    /// The volume whose id the wrapped DEK's seal is bound to (its associated data), when not
+    /// this volume's own: a snapshot, restore or clone keeps its source's wrapped DEK. Cleared
+    /// when the DEK is wrapped again under this volume's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key_bound_to: Option<String>,
 }
 
 /// A Kubernetes object to post events on.
@@ -162,6 +167,7 @@ mod tests {
             refused_since_ms: None,
             source: None,
             grow_filesystem: false,
+            key_bound_to: None,
             volume_id: "sv-00000000000000000000000000000000".into(),
             name: "pvc-1".into(),
             capacity_bytes: capacity,

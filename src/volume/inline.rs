@@ -165,6 +165,7 @@ impl Manager {
             refused_since_ms: None,
             source: None,
             grow_filesystem: false,
+            key_bound_to: None,
             volume_id: id.to_string(),
             name: id.to_string(),
             capacity_bytes: size,

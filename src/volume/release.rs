@@ -74,8 +74,14 @@ pub(crate) struct KeyRelease {
 }
 
 /// The associated data that binds a keyvault-secret wrap to its volume and header format.
-fn aad(id: &VolumeId) -> Vec<u8> {
+fn aad(id: &str) -> Vec<u8> {
     format!("sealvol|{id}|header-v1").into_bytes()
+}
+
+/// The associated data the volume's wrapped DEK is sealed with: bound to the volume it was
+/// wrapped for, which for a restore or clone is its source.
+fn bound_aad(id: &VolumeId, record: &VolumeRecord) -> Vec<u8> {
+    aad(record.key_bound_to.as_deref().unwrap_or(id.as_str()))
 }
 
 /// One audit line (target `sealvol::audit`) and the key-event counter: who, what, result,
@@ -202,7 +208,11 @@ impl KeyRelease {
         save: impl FnOnce(&VolumeRecord) -> Result<(), VolumeError>,
     ) -> Result<Dek, VolumeError> {
         let kms = kms_of(id, record)?.clone();
-        let aad = aad(id);
+        // A new wrap is bound to this volume; an existing one to whom it was made for.
+        let aad = match &kms.wrapped {
+            Some(_) => bound_aad(id, record),
+            None => aad(id.as_str()),
+        };
         let pod = auth.token()?;
         let scope = self.runtime.block_on(self.vault.scope(&kms))?;
         let exchange = |fresh: bool| {
@@ -250,6 +260,7 @@ impl KeyRelease {
                     let mut with_wrap = kms.clone();
                     with_wrap.wrapped = Some(wrapped);
                     record.kms = Some(with_wrap.clone());
+                    record.key_bound_to = None;
                     save(record)?;
                     let proved = self.runtime.block_on(self.vault.unwrap(
                         &with_wrap,
@@ -297,9 +308,9 @@ impl KeyRelease {
         let bearer = Bearer(token.token.secret());
         let rewrapped = if kms.secret_name.is_some() {
             // Sealing with the secret's newest version says which version that is.
-            let sealed = self
-                .runtime
-                .block_on(self.vault.wrap(&kms, &bearer, dek, &aad(id)))?;
+            let sealed =
+                self.runtime
+                    .block_on(self.vault.wrap(&kms, &bearer, dek, &aad(id.as_str())))?;
             if sealed.kek_version == wrapped.kek_version {
                 return Ok(false);
             }
@@ -314,13 +325,15 @@ impl KeyRelease {
             let mut pinned = kms.clone();
             pinned.key_version = Some(current);
             self.runtime
-                .block_on(self.vault.wrap(&pinned, &bearer, dek, &aad(id)))?
+                .block_on(self.vault.wrap(&pinned, &bearer, dek, &aad(id.as_str())))?
         };
         let from = wrapped.kek_version.clone();
         let to = rewrapped.kek_version.clone();
         let mut updated = kms;
         updated.wrapped = Some(rewrapped);
         record.kms = Some(updated);
+        // Wrapped again, for this volume.
+        record.key_bound_to = None;
         save(record)?;
         tracing::info!(volume.id = %id, kek.from = %from, kek.to = %to, "DEK re-wrapped under the KEK's current version");
         Ok(true)

@@ -105,6 +105,9 @@ impl Manager {
         super::params::check_name(name)?;
         let id = VolumeId::snapshot_for_name(name);
         let _snapshot_guard = self.lock(&id)?;
+        if let Some(leftover) = self.pools.find_deleting(id.as_str()) {
+            self.finish_destroy(&leftover)?;
+        }
         if let Some(existing) = self.load_snapshot(&id)? {
             if existing.record.source.as_deref() == Some(source.as_str()) {
                 return Ok(snapshot_summary(&id, &existing.record));
@@ -125,8 +128,24 @@ impl Manager {
             ));
         }
         let disk = disk_of(&vol.file);
+        {
+            // What the copy will take: the volume's written data, at most.
+            let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+            let meta = std::fs::metadata(&vol.file.path).map_err(io_err("stat", &vol.file.path))?;
+            let data = sys::allocated_bytes(&meta);
+            let free = disk.space()?.promisable_bytes;
+            if data > free {
+                return Err(VolumeError::ResourceExhausted(format!(
+                    "the disk of volume {source} has {free} bytes to promise; a snapshot of it may take {data}"
+                )));
+            }
+        }
         let tmp = disk.snapshot_creating_path(id.as_str());
+        // A leftover of an attempt that failed before its cleanup: start afresh.
+        let _ = std::fs::remove_file(&tmp);
+        let guard = Temporary::new(&tmp);
         self.copy_from_volume(&vol, &tmp)?;
+        let wrapped = vol.record.kms.as_ref().is_some_and(|k| k.wrapped.is_some());
         let record = VolumeRecord {
             volume_id: id.to_string(),
             name: name.to_string(),
@@ -135,16 +154,25 @@ impl Manager {
             owner: None,
             refused_since_ms: None,
             source: Some(source.to_string()),
-            grow_filesystem: false,
+            key_bound_to: wrapped.then(|| {
+                vol.record
+                    .key_bound_to
+                    .clone()
+                    .unwrap_or_else(|| source.to_string())
+            }),
             ..vol.record.clone()
         };
         finish_file(&tmp, &disk.snapshot_path(id.as_str()), &record, &disk)?;
+        guard.placed();
         tracing::info!(snapshot.id = %id, volume.id = %source, "snapshot taken");
         Ok(snapshot_summary(&id, &record))
     }
 
-    /// Copies `vol`'s file to `to`, frozen if it is staged here.
+    /// Copies `vol`'s file to `to`, frozen if it is staged here. A thick volume is copied,
+    /// never reflinked: blocks it shared with its copy would need new space when rewritten,
+    /// which its reservation promised they would not.
     fn copy_from_volume(&self, vol: &Volume, to: &Path) -> Result<(), VolumeError> {
+        let reflink = vol.record.provisioning == Provisioning::Thin;
         let mount = match self.loops.find(&vol.file.path)? {
             Some(l) => MountTable::read()?
                 .entries()
@@ -154,20 +182,30 @@ impl Manager {
             None => None,
         };
         let Some(mount) = mount else {
-            return copy_into(&vol.file.path, to, None);
+            return copy_into(&vol.file.path, to, None, reflink);
         };
         let record = self.record_freeze(&vol.id, &mount)?;
-        sys::freeze(&mount)?;
+        if let Err(e) = sys::freeze(&mount) {
+            // Not frozen (or frozen by someone else): recovery must not thaw it.
+            let _ = std::fs::remove_file(&record);
+            return Err(e.into());
+        }
+        let frozen = Frozen {
+            mount: &mount,
+            record: &record,
+        };
         crash::point("snapshot.frozen");
         let deadline = Instant::now() + self.settings.snapshot_freeze_limit;
-        let copied = copy_into(&vol.file.path, to, Some(deadline));
-        let thawed = sys::thaw(&mount);
-        if thawed.is_ok() {
-            let _ = std::fs::remove_file(&record);
+        let copied = copy_into(&vol.file.path, to, Some(deadline), reflink);
+        let thawed = frozen.thaw();
+        match (copied, thawed) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+            (Err(copy), Err(thaw)) => Err(VolumeError::Internal(format!(
+                "{copy}; and thawing {} failed too: {thaw} (the next start thaws it)",
+                mount.display()
+            ))),
         }
-        copied?;
-        thawed?;
-        Ok(())
     }
 
     fn record_freeze(&self, id: &VolumeId, mount: &Path) -> Result<PathBuf, VolumeError> {
@@ -197,7 +235,11 @@ impl Manager {
             let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
             let mount = PathBuf::from(std::ffi::OsString::from_vec(bytes));
             if mount.exists() {
-                sys::thaw(&mount)?;
+                if let Err(e) = sys::thaw(&mount) {
+                    // Kept for the next start; the node serves meanwhile.
+                    tracing::error!(mount = %mount.display(), error = %e, "could not thaw a filesystem a snapshot left frozen: its writers wait until it is thawed (fsfreeze -u)");
+                    continue;
+                }
                 thawed += 1;
                 tracing::warn!(mount = %mount.display(), "thawed a filesystem a snapshot left frozen");
             }
@@ -214,6 +256,9 @@ impl Manager {
             return Ok(());
         };
         let _guard = self.lock(&id)?;
+        if let Some(leftover) = self.pools.find_deleting(id.as_str()) {
+            self.finish_destroy(&leftover)?;
+        }
         let Some(snap) = self.load_snapshot(&id)? else {
             return Ok(());
         };
@@ -356,16 +401,30 @@ impl Manager {
             )));
         }
         let disk = disk_of(&source.file);
-        let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
-        let free = disk.space()?.promisable_bytes;
-        if HEADER_BYTES + capacity > free {
-            return Err(VolumeError::ResourceExhausted(format!(
-                "the disk of {source_id} has {free} bytes to promise; a volume of {capacity} bytes made from it needs them beside it"
-            )));
-        }
         let tmp = disk.creating_path(id.as_str());
+        let guard = Temporary::new(&tmp);
+        {
+            // The room is promised under the placement lock, by the temporary file's length
+            // (a `.img.creating` file counts as promised); the copy runs without the lock.
+            let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+            let free = disk.space()?.promisable_bytes;
+            if HEADER_BYTES + capacity > free {
+                return Err(VolumeError::ResourceExhausted(format!(
+                    "the disk of {source_id} has {free} bytes to promise; a volume of {capacity} bytes made from it needs them beside it"
+                )));
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io_err("create", &tmp))?;
+            file.set_len(HEADER_BYTES + capacity)
+                .map_err(io_err("size", &tmp))?;
+        }
+        let reflink = req.params.provisioning == Provisioning::Thin;
         match from {
-            ContentSource::Snapshot(_) => copy_into(&source.file.path, &tmp, None)?,
+            ContentSource::Snapshot(_) => copy_into(&source.file.path, &tmp, None, reflink)?,
             ContentSource::Volume(_) => self.copy_from_volume(&source, &tmp)?,
         }
         let file = OpenOptions::new()
@@ -374,14 +433,12 @@ impl Manager {
             .map_err(io_err("open", &tmp))?;
         file.set_len(HEADER_BYTES + capacity)
             .map_err(io_err("size", &tmp))?;
-        if req.params.provisioning == Provisioning::Thick
-            && let Err(e) = sys::reserve(&file, &tmp, 0, HEADER_BYTES + capacity)
-        {
-            drop(file);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(super::create::reserve_error(e, capacity));
+        if req.params.provisioning == Provisioning::Thick {
+            sys::reserve(&file, &tmp, 0, HEADER_BYTES + capacity)
+                .map_err(|e| super::create::reserve_error(e, capacity))?;
         }
         drop(file);
+        let wrapped = r.kms.as_ref().is_some_and(|k| k.wrapped.is_some());
         let record = VolumeRecord {
             volume_id: id.to_string(),
             name: req.name.clone(),
@@ -394,30 +451,88 @@ impl Manager {
             owner: super::create::owner_of(req),
             refused_since_ms: None,
             source: Some(source_id.to_string()),
-            grow_filesystem: r.formatted && capacity > r.capacity_bytes,
+            grow_filesystem: r.formatted && (r.grow_filesystem || capacity > r.capacity_bytes),
+            key_bound_to: wrapped.then(|| {
+                r.key_bound_to
+                    .clone()
+                    .unwrap_or_else(|| r.volume_id.clone())
+            }),
             ..r.clone()
         };
         finish_file(&tmp, &disk.volume_path(id.as_str()), &record, &disk)?;
+        guard.placed();
         tracing::info!(volume.id = %id, source = %source_id, capacity, "volume made from {}", if matches!(from, ContentSource::Snapshot(_)) { "a snapshot" } else { "a clone" });
         Ok(summary(id, &record))
     }
 }
 
+/// A filesystem this process froze: thawed when dropped (also on a panic), and its record
+/// removed once thawed; a thaw that fails leaves the record for the next start.
+struct Frozen<'a> {
+    mount: &'a Path,
+    record: &'a Path,
+}
+
+impl Frozen<'_> {
+    fn thaw(self) -> Result<(), VolumeError> {
+        let result = sys::thaw(self.mount);
+        if result.is_ok() {
+            let _ = std::fs::remove_file(self.record);
+        }
+        std::mem::forget(self);
+        result.map_err(VolumeError::from)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if sys::thaw(self.mount).is_ok() {
+            let _ = std::fs::remove_file(self.record);
+        }
+    }
+}
+
+/// A temporary file removed when dropped, unless it was renamed into place.
+struct Temporary(Option<PathBuf>);
+
+impl Temporary {
+    fn new(path: &Path) -> Temporary {
+        Temporary(Some(path.to_path_buf()))
+    }
+
+    fn placed(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Copies the file at `from` into a new file at `to` (replacing a leftover), abandoning it when
 /// `deadline` passes first.
-fn copy_into(from: &Path, to: &Path, deadline: Option<Instant>) -> Result<(), VolumeError> {
+fn copy_into(
+    from: &Path,
+    to: &Path,
+    deadline: Option<Instant>,
+    reflink: bool,
+) -> Result<(), VolumeError> {
     let source = File::open(from).map_err(io_err("open", from))?;
+    // Not truncated: a restore's temporary file already holds the promised length.
     let target = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(to)
         .map_err(io_err("create", to))?;
     let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400));
-    match sys::copy_file(&source, &target, from, deadline)? {
+    match sys::copy_file(&source, &target, from, deadline, reflink)? {
         Copied::TimedOut => {
             drop(target);
-            let _ = std::fs::remove_file(to);
             Err(VolumeError::Aborted(format!(
                 "copying {} did not finish within --snapshot-freeze-limit while its filesystem was frozen; it was thawed and the copy abandoned (retry when it is less busy, or raise the limit)",
                 from.display()
