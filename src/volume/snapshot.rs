@@ -144,7 +144,7 @@ impl Manager {
         // A leftover of an attempt that failed before its cleanup: start afresh.
         let _ = std::fs::remove_file(&tmp);
         let guard = Temporary::new(&tmp);
-        self.copy_from_volume(&vol, &tmp)?;
+        self.copy_from_volume(&vol, &tmp, may_reflink(&vol.record, None))?;
         let wrapped = vol.record.kms.as_ref().is_some_and(|k| k.wrapped.is_some());
         let record = VolumeRecord {
             volume_id: id.to_string(),
@@ -168,11 +168,9 @@ impl Manager {
         Ok(snapshot_summary(&id, &record))
     }
 
-    /// Copies `vol`'s file to `to`, frozen if it is staged here. A thick volume is copied,
-    /// never reflinked: blocks it shared with its copy would need new space when rewritten,
-    /// which its reservation promised they would not.
-    fn copy_from_volume(&self, vol: &Volume, to: &Path) -> Result<(), VolumeError> {
-        let reflink = vol.record.provisioning == Provisioning::Thin;
+    /// Copies `vol`'s file to `to`, frozen if it is staged here; a reflink only when `reflink`
+    /// allows it (see `may_reflink`).
+    fn copy_from_volume(&self, vol: &Volume, to: &Path, reflink: bool) -> Result<(), VolumeError> {
         let mount = match self.loops.find(&vol.file.path)? {
             Some(l) => MountTable::read()?
                 .entries()
@@ -422,10 +420,10 @@ impl Manager {
             file.set_len(HEADER_BYTES + capacity)
                 .map_err(io_err("size", &tmp))?;
         }
-        let reflink = req.params.provisioning == Provisioning::Thin;
+        let reflink = may_reflink(r, Some(req.params.provisioning));
         match from {
             ContentSource::Snapshot(_) => copy_into(&source.file.path, &tmp, None, reflink)?,
-            ContentSource::Volume(_) => self.copy_from_volume(&source, &tmp)?,
+            ContentSource::Volume(_) => self.copy_from_volume(&source, &tmp, reflink)?,
         }
         let file = OpenOptions::new()
             .write(true)
@@ -464,6 +462,14 @@ impl Manager {
         tracing::info!(volume.id = %id, source = %source_id, capacity, "volume made from {}", if matches!(from, ContentSource::Snapshot(_)) { "a snapshot" } else { "a clone" });
         Ok(summary(id, &record))
     }
+}
+
+/// Whether a copy of `source` (into a volume provisioned `target`, or a snapshot) may share
+/// its blocks: only between thin files. A thick volume's blocks shared with a copy would need
+/// new space when rewritten, which its reservation promised they would not; and a thick copy
+/// must own every block it reserves.
+fn may_reflink(source: &VolumeRecord, target: Option<Provisioning>) -> bool {
+    source.provisioning == Provisioning::Thin && target.is_none_or(|t| t == Provisioning::Thin)
 }
 
 /// A filesystem this process froze: thawed when dropped (also on a panic), and its record
@@ -567,4 +573,25 @@ fn finish_file(
     std::fs::rename(tmp, path).map_err(io_err("rename", tmp))?;
     sys::fsync_dir(&disk.dir)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_thin_files_share_blocks() {
+        let mut record: VolumeRecord = serde_json::from_value(serde_json::json!({
+            "volume_id": "sv-00000000000000000000000000000000", "name": "n", "capacity_bytes": 1,
+            "lifecycle": "persistent", "pool": "p", "fs_type": "ext4", "key_mode": "none",
+            "wipe": "discard", "provisioning": "thin", "created_unix": 0, "formatted": true
+        }))
+        .expect("a record");
+        assert!(may_reflink(&record, None));
+        assert!(may_reflink(&record, Some(Provisioning::Thin)));
+        assert!(!may_reflink(&record, Some(Provisioning::Thick)));
+        record.provisioning = Provisioning::Thick;
+        assert!(!may_reflink(&record, None));
+        assert!(!may_reflink(&record, Some(Provisioning::Thin)));
+    }
 }
