@@ -74,11 +74,21 @@ struct CleanupArgs {
     /// This replica's name as lease holder.
     #[arg(long, env = "POD_NAME")]
     identity: String,
-    /// The API server (default: in-cluster).
+    #[command(flatten)]
+    kube: KubeApiArgs,
+}
+
+/// Where the Kubernetes API is, when not in-cluster (tests, and running outside a pod).
+#[derive(clap::Args)]
+struct KubeApiArgs {
+    /// The API server (default: in-cluster, from KUBERNETES_SERVICE_HOST and the pod's
+    /// ServiceAccount).
     #[arg(long)]
     kube_api_url: Option<String>,
+    /// The bearer token file (default: the pod's ServiceAccount token).
     #[arg(long)]
     kube_token_file: Option<PathBuf>,
+    /// The API server's CA bundle (default: the pod's ServiceAccount CA).
     #[arg(long)]
     kube_ca_file: Option<PathBuf>,
 }
@@ -135,13 +145,9 @@ struct NodeArgs {
     /// serviceaccounts) when a volume's parameters name none.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     service_account_lookup: bool,
-    /// The Kubernetes API to read ServiceAccounts from (default: in-cluster).
-    #[arg(long)]
-    kube_api_url: Option<String>,
-    #[arg(long)]
-    kube_token_file: Option<PathBuf>,
-    #[arg(long)]
-    kube_ca_file: Option<PathBuf>,
+    /// The Kubernetes API (ServiceAccounts, events, evictions, this node's PVs).
+    #[command(flatten)]
+    kube: KubeApiArgs,
     /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
@@ -257,10 +263,10 @@ fn main() -> anyhow::Result<()> {
                 keyvault_verify_challenge: a.keyvault_verify_challenge,
                 reauthorize_interval: a.reauthorize_interval,
                 revoke_grace: a.revoke_grace,
-                kube_api_url: a.kube_api_url,
+                kube_api_url: a.kube.kube_api_url,
                 snapshot_freeze_limit: a.snapshot_freeze_limit,
-                kube_token_file: a.kube_token_file,
-                kube_ca_file: a.kube_ca_file,
+                kube_token_file: a.kube.kube_token_file,
+                kube_ca_file: a.kube.kube_ca_file,
                 service_account_lookup: a.service_account_lookup,
                 metrics_address: a.metrics_address,
                 allowed_key_modes: a.allowed_key_modes,
@@ -295,9 +301,9 @@ fn main() -> anyhow::Result<()> {
                 lease_name: a.lease_name,
                 lease_duration: a.lease_duration,
                 identity: a.identity,
-                kube_api_url: a.kube_api_url,
-                kube_token_file: a.kube_token_file,
-                kube_ca_file: a.kube_ca_file,
+                kube_api_url: a.kube.kube_api_url,
+                kube_token_file: a.kube.kube_token_file,
+                kube_ca_file: a.kube.kube_ca_file,
             };
             runtime.block_on(sealvol::run_cleanup(
                 cfg,

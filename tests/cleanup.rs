@@ -463,8 +463,9 @@ async fn a_pool_that_may_be_unmounted_marks_nothing() {
     node.kill();
     drop(c);
     let _c = node.start(&[]).await.expect("restart");
+    // The first start checked too (with no PVs yet): wait for the second check.
     let deadline = std::time::Instant::now() + WITHIN;
-    while !node.log().contains("checked this node's PVs") {
+    while node.log().matches("checked this node's PVs").count() < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "no check; log:\n{}",

@@ -227,36 +227,46 @@ impl Manager {
     }
 
     pub(super) fn load(&self, id: &VolumeId) -> Result<Option<Volume>, VolumeError> {
-        let Some(file) = self.pools.find_volume(id.as_str()) else {
-            return Ok(None);
-        };
-        let mut f = match File::open(&file.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("open", &file.path)(e)),
-        };
-        let (record, generation) = header::read(&mut f).map_err(|source| VolumeError::Header {
-            volume_id: id.to_string(),
-            source,
-        })?;
-        if record.volume_id != id.as_str() {
-            return Err(VolumeError::FailedPrecondition(format!(
-                "the file of volume {id} carries the header of {}",
-                record.volume_id
-            )));
+        match self.pools.find_volume(id.as_str()) {
+            Some(file) => read_volume_file(id, file, "volume"),
+            None => Ok(None),
         }
-        Ok(Some(Volume {
-            id: id.clone(),
-            file,
-            record,
-            generation,
-        }))
     }
 
     pub(super) fn save(&self, vol: &mut Volume) -> Result<(), VolumeError> {
         vol.generation = write_header(&vol.id, &vol.file.path, &vol.record, vol.generation)?;
         Ok(())
     }
+}
+
+/// The volume (or snapshot: `what`) in `file`, by its header, which must name `id`; None when
+/// the file is gone.
+pub(super) fn read_volume_file(
+    id: &VolumeId,
+    file: VolumeFile,
+    what: &str,
+) -> Result<Option<Volume>, VolumeError> {
+    let mut f = match File::open(&file.path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", &file.path)(e)),
+    };
+    let (record, generation) = header::read(&mut f).map_err(|source| VolumeError::Header {
+        volume_id: id.to_string(),
+        source,
+    })?;
+    if record.volume_id != id.as_str() {
+        return Err(VolumeError::FailedPrecondition(format!(
+            "the file of {what} {id} carries the header of {}",
+            record.volume_id
+        )));
+    }
+    Ok(Some(Volume {
+        id: id.clone(),
+        file,
+        record,
+        generation,
+    }))
 }
 
 /// Runs `f` with the volume's record and a `save` that writes a record as the next header

@@ -72,27 +72,15 @@ impl Manager {
         let Some(file) = self.pools.find_snapshot(id.as_str()) else {
             return Ok(None);
         };
-        let mut f = match File::open(&file.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("open", &file.path)(e)),
-        };
-        let (record, generation) = header::read(&mut f).map_err(|source| VolumeError::Header {
-            volume_id: id.to_string(),
-            source,
-        })?;
-        if record.volume_id != id.as_str() || record.lifecycle != Lifecycle::Snapshot {
+        let snap = super::manager::read_volume_file(id, file, "snapshot")?;
+        if let Some(s) = &snap
+            && s.record.lifecycle != Lifecycle::Snapshot
+        {
             return Err(VolumeError::FailedPrecondition(format!(
-                "the file of snapshot {id} carries the header of {}",
-                record.volume_id
+                "the file of snapshot {id} carries the header of a volume"
             )));
         }
-        Ok(Some(Volume {
-            id: id.clone(),
-            file,
-            record,
-            generation,
-        }))
+        Ok(snap)
     }
 
     /// Takes snapshot `name` of volume `source`, or returns it if it exists (ALREADY_EXISTS if
