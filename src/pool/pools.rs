@@ -111,6 +111,20 @@ pub(crate) struct VolumeFile {
     pub(crate) path: PathBuf,
 }
 
+impl VolumeFile {
+    /// The disk directory the file lies in, for its space and its sibling paths.
+    pub(crate) fn disk(&self) -> Disk {
+        Disk {
+            dir: self
+                .path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
+            device: None,
+        }
+    }
+}
+
 impl Disk {
     pub(crate) fn volume_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}{VOLUME_SUFFIX}"))

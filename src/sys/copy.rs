@@ -181,7 +181,7 @@ fn written_extents(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError
             Ok(_) => {}
             // No FIEMAP (tmpfs, ZFS): they have no unwritten extents, so SEEK_DATA is exact.
             Err(Errno::EOPNOTSUPP | Errno::ENOTTY) if start == 0 => {
-                return data_ranges(file, what);
+                return super::fs::data_ranges(file, what, 0);
             }
             Err(e) => return Err(SysError::errno("FS_IOC_FIEMAP", what, e)),
         }
@@ -203,27 +203,4 @@ fn written_extents(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError
         }
         start = last.logical + last.length;
     }
-}
-
-/// The (offset, length) of every range SEEK_DATA and SEEK_HOLE call data.
-fn data_ranges(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError> {
-    use nix::unistd::{Whence, lseek};
-    let size = file
-        .metadata()
-        .map_err(|e| SysError::io("stat", what, e))?
-        .len();
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let data = match lseek(file.as_fd(), pos as i64, Whence::SeekData) {
-            Ok(p) => p as u64,
-            Err(Errno::ENXIO) => break,
-            Err(e) => return Err(SysError::errno("seek data", what, e)),
-        };
-        let hole = lseek(file.as_fd(), data as i64, Whence::SeekHole)
-            .map_err(|e| SysError::errno("seek hole", what, e))? as u64;
-        out.push((data, hole - data));
-        pos = hole;
-    }
-    Ok(out)
 }

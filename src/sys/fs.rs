@@ -85,10 +85,31 @@ pub(crate) fn zero_allocated_ranges(
 ) -> Result<(), SysError> {
     const CHUNK: usize = 1 << 20;
     let zeros = vec![0u8; CHUNK];
+    for (data, len) in data_ranges(file, path, from)? {
+        file.seek(SeekFrom::Start(data))
+            .map_err(|e| SysError::io("seek", path, e))?;
+        let mut at = data;
+        while at < data + len {
+            let n = ((data + len - at) as usize).min(CHUNK);
+            file.write_all(&zeros[..n])
+                .map_err(|e| SysError::io("overwrite", path, e))?;
+            at += n as u64;
+        }
+    }
+    file.sync_data().map_err(|e| SysError::io("fsync", path, e))
+}
+
+/// The (offset, length) of every range from `from` on that SEEK_DATA and SEEK_HOLE call data.
+pub(crate) fn data_ranges(
+    file: &File,
+    path: &Path,
+    from: u64,
+) -> Result<Vec<(u64, u64)>, SysError> {
     let size = file
         .metadata()
         .map_err(|e| SysError::io("stat", path, e))?
         .len();
+    let mut out = Vec::new();
     let mut pos = from;
     while pos < size {
         let data = match nix::unistd::lseek(file.as_fd(), pos as i64, nix::unistd::Whence::SeekData)
@@ -99,18 +120,10 @@ pub(crate) fn zero_allocated_ranges(
         };
         let hole = nix::unistd::lseek(file.as_fd(), data as i64, nix::unistd::Whence::SeekHole)
             .map_err(|e| SysError::errno("seek hole", path, e))? as u64;
-        file.seek(SeekFrom::Start(data))
-            .map_err(|e| SysError::io("seek", path, e))?;
-        let mut at = data;
-        while at < hole {
-            let n = ((hole - at) as usize).min(CHUNK);
-            file.write_all(&zeros[..n])
-                .map_err(|e| SysError::io("overwrite", path, e))?;
-            at += n as u64;
-        }
+        out.push((data, hole - data));
         pos = hole;
     }
-    file.sync_data().map_err(|e| SysError::io("fsync", path, e))
+    Ok(out)
 }
 
 /// The trusted xattr the write probe sets (only CAP_SYS_ADMIN sees the trusted namespace, so

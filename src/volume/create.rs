@@ -216,46 +216,23 @@ impl Manager {
         starting_token: &str,
         max_entries: i32,
     ) -> Result<(Vec<VolumeSummary>, Option<String>), VolumeError> {
-        if max_entries < 0 {
-            return Err(invalid("max_entries", "must not be negative"));
-        }
-        let after = if starting_token.is_empty() {
-            None
-        } else {
-            Some(VolumeId::parse(starting_token).map_err(|_| {
-                VolumeError::BadStartingToken(starting_token.chars().take(80).collect())
-            })?)
-        };
-        let mut ids = Vec::new();
+        let mut names = Vec::new();
         for (_, disk) in self.pools.disks() {
-            for raw in disk.volume_ids()? {
-                if let Ok(id) = VolumeId::parse(&raw)
-                    && after.as_ref().is_none_or(|a| &id > a)
-                {
-                    ids.push(id);
+            names.extend(disk.volume_ids()?);
+        }
+        page(
+            names,
+            VolumeId::parse,
+            starting_token,
+            max_entries,
+            |id| match self.load(id) {
+                Ok(vol) => vol.map(|v| summary(&v.id, &v.record)),
+                Err(e) => {
+                    tracing::warn!(volume.id = %id, error = %e, "skipping unreadable volume");
+                    None
                 }
-            }
-        }
-        ids.sort();
-        let limit = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries as usize
-        };
-        let mut out = Vec::new();
-        let mut next = None;
-        for id in ids {
-            if out.len() == limit {
-                next = out.last().map(|s: &VolumeSummary| s.id.to_string());
-                break;
-            }
-            match self.load(&id) {
-                Ok(Some(vol)) => out.push(summary(&vol.id, &vol.record)),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(volume.id = %id, error = %e, "skipping unreadable volume"),
-            }
-        }
-        Ok((out, next))
+            },
+        )
     }
 
     /// Free space of one pool (the default when `pool` is None).
@@ -293,6 +270,51 @@ pub(super) fn same_kek(
         }
         _ => false,
     }
+}
+
+/// One page of a listing (ListVolumes, ListSnapshots): the file names that `parse` takes as
+/// ids, in id order, after `starting_token`, `max_entries` at a time (0: all); `entry` makes
+/// one entry, None to skip it (gone, unreadable, filtered out). The next token is the last id
+/// returned, given only when an entry is left after it.
+pub(super) fn page<T>(
+    names: Vec<String>,
+    parse: fn(&str) -> Result<VolumeId, String>,
+    starting_token: &str,
+    max_entries: i32,
+    mut entry: impl FnMut(&VolumeId) -> Option<T>,
+) -> Result<(Vec<T>, Option<String>), VolumeError> {
+    if max_entries < 0 {
+        return Err(invalid("max_entries", "must not be negative"));
+    }
+    let after = if starting_token.is_empty() {
+        None
+    } else {
+        Some(parse(starting_token).map_err(|_| {
+            VolumeError::BadStartingToken(starting_token.chars().take(80).collect())
+        })?)
+    };
+    let mut ids: Vec<VolumeId> = names
+        .iter()
+        .filter_map(|n| parse(n).ok())
+        .filter(|id| after.as_ref().is_none_or(|a| id > a))
+        .collect();
+    ids.sort();
+    let limit = if max_entries == 0 {
+        usize::MAX
+    } else {
+        max_entries as usize
+    };
+    let mut out: Vec<(VolumeId, T)> = Vec::new();
+    let mut next = None;
+    for id in ids {
+        let Some(e) = entry(&id) else { continue };
+        if out.len() == limit {
+            next = out.last().map(|(last, _)| last.to_string());
+            break;
+        }
+        out.push((id, e));
+    }
+    Ok((out.into_iter().map(|(_, e)| e).collect(), next))
 }
 
 /// The claim events about a new volume go to (external-provisioner's --extra-create-metadata).

@@ -10,7 +10,6 @@ use super::header;
 use super::params::{KeyMode, WipeMode};
 use super::release;
 use super::{Manager, Volume, VolumeError, crash, io_err};
-use crate::pool::Disk;
 use crate::sys::{self, LoopDevice, MountTable};
 
 /// How long to wait for the kernel to let go of a loop device after its last unmount.
@@ -104,14 +103,10 @@ impl Manager {
     /// Renames a volume's or snapshot's file out of its namespace, then wipes and removes it.
     pub(super) fn destroy_file(&self, vol: &Volume) -> Result<(), VolumeError> {
         let path = &vol.file.path;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let deleting = Disk {
-            dir: dir.clone(),
-            device: None,
-        }
-        .deleting_path(vol.id.as_str());
+        let disk = vol.file.disk();
+        let deleting = disk.deleting_path(vol.id.as_str());
         std::fs::rename(path, &deleting).map_err(io_err("rename", path))?;
-        sys::fsync_dir(&dir)?;
+        sys::fsync_dir(&disk.dir)?;
         crash::point("delete.renamed");
         self.finish_destroy(&deleting)
     }

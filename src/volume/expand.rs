@@ -2,7 +2,6 @@
 //! device and ext4; online with CAP_SYS_RESOURCE, otherwise while staged and unpublished.
 
 use std::fs::OpenOptions;
-use std::path::Path;
 
 use super::header::HEADER_BYTES;
 use super::id::VolumeId;
@@ -13,7 +12,6 @@ use super::{
     publications,
 };
 use crate::crypt;
-use crate::pool::Disk;
 use crate::sys::{self, LoopDevice, MountFlags, MountTable};
 
 impl Manager {
@@ -92,11 +90,7 @@ impl Manager {
         let wanted_len = HEADER_BYTES + capacity.max(vol.record.capacity_bytes);
         if wanted_len > current_len {
             let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
-            let disk = Disk {
-                dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-                device: None,
-            };
-            let free = disk.space()?.promisable_bytes;
+            let free = vol.file.disk().space()?.promisable_bytes;
             if wanted_len - current_len > free {
                 return Err(VolumeError::ResourceExhausted(format!(
                     "the disk of volume {} has {free} bytes free; growing to {capacity} bytes needs {}",

@@ -24,7 +24,7 @@ use super::params::{Lifecycle, MIN_CAPACITY, Provisioning};
 use super::{
     Manager, Volume, VolumeError, crash, invalid, io_err, is_fs_mount_of, not_found, now_unix,
 };
-use crate::pool::{Disk, VolumeFile};
+use crate::pool::Disk;
 use crate::sys::{self, Copied, MountTable};
 
 /// Freezes in progress, one file per volume naming the mount point (for recovery).
@@ -53,17 +53,6 @@ fn snapshot_summary(id: &VolumeId, r: &VolumeRecord) -> SnapshotSummary {
         source_volume_id: r.source.clone().unwrap_or_default(),
         size_bytes: r.capacity_bytes,
         created_unix: r.created_unix,
-    }
-}
-
-fn disk_of(file: &VolumeFile) -> Disk {
-    Disk {
-        dir: file
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-        device: None,
     }
 }
 
@@ -115,7 +104,7 @@ impl Manager {
                 ),
             ));
         }
-        let disk = disk_of(&vol.file);
+        let disk = vol.file.disk();
         {
             // What the copy will take: the volume's written data, at most.
             let _placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,54 +259,31 @@ impl Manager {
         starting_token: &str,
         max_entries: i32,
     ) -> Result<(Vec<SnapshotSummary>, Option<String>), VolumeError> {
-        if max_entries < 0 {
-            return Err(invalid("max_entries", "must not be negative"));
-        }
-        let after = if starting_token.is_empty() {
-            None
-        } else {
-            Some(VolumeId::parse_snapshot(starting_token).map_err(|_| {
-                VolumeError::BadStartingToken(starting_token.chars().take(80).collect())
-            })?)
-        };
-        let mut ids = Vec::new();
+        let mut names = Vec::new();
         for (_, disk) in self.pools.disks() {
-            for raw in disk.snapshot_ids()? {
-                if let Ok(id) = VolumeId::parse_snapshot(&raw)
-                    && (snapshot_id.is_empty() || snapshot_id == raw)
-                    && after.as_ref().is_none_or(|a| &id > a)
-                {
-                    ids.push(id);
-                }
-            }
+            names.extend(
+                disk.snapshot_ids()?
+                    .into_iter()
+                    .filter(|n| snapshot_id.is_empty() || snapshot_id == n),
+            );
         }
-        ids.sort();
-        let limit = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries as usize
-        };
-        let mut out: Vec<SnapshotSummary> = Vec::new();
-        let mut next = None;
-        for id in ids {
-            let snap = match self.load_snapshot(&id) {
-                Ok(Some(s)) => snapshot_summary(&id, &s.record),
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(snapshot.id = %id, error = %e, "skipping unreadable snapshot");
-                    continue;
-                }
-            };
-            if !source_volume_id.is_empty() && snap.source_volume_id != source_volume_id {
-                continue;
-            }
-            if out.len() == limit {
-                next = out.last().map(|s| s.id.to_string());
-                break;
-            }
-            out.push(snap);
-        }
-        Ok((out, next))
+        super::create::page(
+            names,
+            VolumeId::parse_snapshot,
+            starting_token,
+            max_entries,
+            |id| {
+                let snap = match self.load_snapshot(id) {
+                    Ok(s) => snapshot_summary(id, &s?.record),
+                    Err(e) => {
+                        tracing::warn!(snapshot.id = %id, error = %e, "skipping unreadable snapshot");
+                        return None;
+                    }
+                };
+                (source_volume_id.is_empty() || snap.source_volume_id == source_volume_id)
+                    .then_some(snap)
+            },
+        )
     }
 
     /// CreateVolume with a content source: a new volume, on the source's disk, holding the
@@ -386,7 +352,7 @@ impl Manager {
                 r.capacity_bytes
             )));
         }
-        let disk = disk_of(&source.file);
+        let disk = source.file.disk();
         let tmp = disk.creating_path(id.as_str());
         let guard = Temporary::new(&tmp);
         {
