@@ -4,12 +4,15 @@ resources on every container, the DaemonSet mounting what the driver's flags poi
 sidecars dialling the driver's socket with flags their pinned releases document, the RBAC rules
 exactly, the cleanup controller's Deployment (its flags, an unprivileged pod, a ServiceAccount
 and exact RBAC of its own, off with cleanup.enabled: false), csi-snapshotter on every node and
-its exact rules (off with snapshots.enabled: false), VolumeSnapshotClasses from values, the
-admission policy evaluated on sample requests (cel-python), alerts and dashboard checked against
-the metrics the driver registers (src/metrics.rs), and deploy/ up to date with the chart. (That
-each object in deploy/ is a valid Kubernetes object, with no unknown field, is checked in Rust
-against k8s-openapi: tests/manifests.rs. k8s-openapi has no snapshot types, so the
-VolumeSnapshotClasses are rendered apart, into deploy/snapshot-classes/, and checked here.)
+its exact rules (off with snapshots.enabled: false), VolumeSnapshotClasses from values, snapshot
+backups to Azure Blob storage (the driver's flags, its own projected ServiceAccount token and the
+ServiceAccount's client-id annotation, all off without backup.urls; a class's backupURL one of
+backup.urls), the admission policy evaluated on sample requests (cel-python), alerts and
+dashboard checked against the metrics the driver registers (src/metrics.rs), and deploy/ up to
+date with the chart. (That each object in deploy/ is a valid Kubernetes object, with no unknown
+field, is checked in Rust against k8s-openapi: tests/manifests.rs. k8s-openapi has no snapshot
+types, so the VolumeSnapshotClasses are rendered apart, into deploy/snapshot-classes/, and
+checked here.)
 """
 
 import glob
@@ -985,6 +988,157 @@ class Chart(unittest.TestCase):
                      {"snapshotClasses": [{"name": "sealvol", "default": True, "deletionPolicy": "Retain", "parameters": {}}]},
                      {"extraArgs": {"snapshotter": ["--v=5"]}}]:
             chart.validate_schema(chart.merge_values(good))
+
+    def test_backups_are_off_by_default(self):
+        # No backup.urls: no backup flag, no projected token, no annotation on the ServiceAccount.
+        for name, values in [(n, v) for n, v in render.example_values() if not v.get("backup", {}).get("urls")]:
+            objs = objects(values)
+            (ds,) = by_kind(objs, "DaemonSet")
+            pod = ds["spec"]["template"]["spec"]
+            driver = containers(objs)["sealvol"]
+            self.assertFalse([a for a in driver["args"] if a.startswith("--backup-")], name)
+            self.assertNotIn("azure-identity-token", [v["name"] for v in pod["volumes"]], name)
+            self.assertFalse([v for v in pod["volumes"] if "projected" in v], name)
+            for c in pod["containers"]:
+                self.assertFalse([m for m in c["volumeMounts"] if m["mountPath"].startswith("/var/run/secrets/azure")], f"{name}/{c['name']}")
+            self.assertNotIn("annotations", named(objs, "ServiceAccount", NODE)["metadata"], name)
+        self.assertTrue(any(n == "default" for n, _ in render.example_values()))
+
+    def test_backups_use_the_drivers_own_projected_token(self):
+        client = "11111111-2222-3333-4444-555555555555"
+        urls = ["https://acct.blob.core.windows.net/backups", "https://127.0.0.1:10000/devstoreaccount1/snaps/"]
+        values = {"azure": {"tenantId": PLACEHOLDER_ID}, "backup": {"urls": urls, "clientId": client}}
+        objs = objects(values)
+        (ds,) = by_kind(objs, "DaemonSet")
+        pod = ds["spec"]["template"]["spec"]
+        driver = containers(objs)["sealvol"]
+        args = driver["args"]
+        # The flags, exactly, and the tenant of the identity.
+        self.assertEqual([a for a in args if a.startswith("--backup-")], [
+            "--backup-url=https://acct.blob.core.windows.net/backups,https://127.0.0.1:10000/devstoreaccount1/snaps/",
+            f"--backup-client-id={client}",
+            "--backup-token-file=/var/run/secrets/azure/tokens/azure-identity-token",
+        ])
+        self.assertEqual(arg(args, "tenant-id"), [PLACEHOLDER_ID])
+        # The token file is the projected volume's path, mounted read-only where the flag says.
+        mount = next(m for m in driver["volumeMounts"] if m["name"] == "azure-identity-token")
+        self.assertEqual(mount, {"name": "azure-identity-token", "mountPath": "/var/run/secrets/azure/tokens", "readOnly": True})
+        volume = next(v for v in pod["volumes"] if v["name"] == "azure-identity-token")
+        self.assertEqual(volume, {"name": "azure-identity-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": "api://AzureADTokenExchange", "expirationSeconds": 3600, "path": "azure-identity-token"}}]}})
+        (token_file,) = arg(args, "backup-token-file")
+        self.assertEqual(token_file, f"{mount['mountPath']}/{volume['projected']['sources'][0]['serviceAccountToken']['path']}")
+        # Only the driver mounts it.
+        for c in pod["containers"]:
+            if c["name"] != "sealvol":
+                self.assertNotIn("azure-identity-token", [m["name"] for m in c["volumeMounts"]], c["name"])
+        # The token is the pod's ServiceAccount's, which names the identity; the cleanup
+        # controller's ServiceAccount does not.
+        sa = named(objs, "ServiceAccount", pod["serviceAccountName"])
+        self.assertEqual(sa["metadata"]["annotations"], {"azure.workload.identity/client-id": client})
+        self.assertNotIn("annotations", named(objs, "ServiceAccount", CLEANUP)["metadata"])
+        # The webhook is not asked to inject its own volume at the same path.
+        self.assertNotIn("azure.workload.identity/use", ds["spec"]["template"]["metadata"]["labels"])
+        # Nothing else changes: no RBAC for the projection.
+        without = objects({"azure": {"tenantId": PLACEHOLDER_ID}})
+        rest = lambda objs: [o for o in objs if o["kind"] not in ("DaemonSet", "ServiceAccount")]
+        self.assertEqual(rest(objs), rest(without))
+        self.assertEqual(named(objs, "ServiceAccount", CLEANUP), named(without, "ServiceAccount", CLEANUP))
+        # The token's lifetime is a value.
+        (ds,) = by_kind(objects({**values, "backup": {**values["backup"], "tokenExpirationSeconds": 86400}}), "DaemonSet")
+        volume = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "azure-identity-token")
+        self.assertEqual(volume["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"], 86400)
+
+    def test_backups_need_the_drivers_identity(self):
+        url = "https://acct.blob.core.windows.net/backups"
+        with self.assertRaisesRegex(helm.HelmRenderError, r"backup\.urls needs backup\.clientId"):
+            objects({"azure": {"tenantId": PLACEHOLDER_ID}, "backup": {"urls": [url]}})
+        with self.assertRaisesRegex(helm.HelmRenderError, r"backup\.urls needs azure\.tenantId"):
+            objects({"backup": {"urls": [url], "clientId": PLACEHOLDER_ID}})
+
+    def test_snapshot_class_backup_url_must_be_a_backup_container(self):
+        url = "https://acct.blob.core.windows.net/backups"
+        backup = {"azure": {"tenantId": PLACEHOLDER_ID}, "backup": {"urls": [url], "clientId": PLACEHOLDER_ID}}
+        other = "https://acct.blob.core.windows.net/elsewhere"
+        for values in [{**backup, "snapshotClasses": [{"name": "b", "parameters": {"backupURL": other}}]},
+                       {"snapshotClasses": [{"name": "b", "parameters": {"backupURL": url}}]}]:
+            with self.assertRaisesRegex(helm.HelmRenderError, r"snapshotClasses b: parameters\.backupURL \S+ is not one of backup\.urls"):
+                objects(values)
+        try:
+            objects({**backup, "snapshotClasses": [{"name": "b", "parameters": {"backupURL": other}}]})
+        except helm.HelmRenderError as e:
+            self.assertIn(other, str(e))
+            self.assertIn(url, str(e))
+        # Compared without a trailing slash, as the driver does; rendered as written.
+        for listed, named_url in [(url, url + "/"), (url + "/", url), (url, url)]:
+            objs = objects({**backup, "backup": {**backup["backup"], "urls": [listed]},
+                            "snapshotClasses": [{"name": "b", "parameters": {"backupURL": named_url}}, {"name": "local"}]})
+            b, local = by_kind(objs, "VolumeSnapshotClass")
+            self.assertEqual(b["parameters"], {"backupURL": named_url})
+            self.assertNotIn("parameters", local)
+        # An empty parameters map is still no parameter.
+        (vsc,) = by_kind(objects({"snapshotClasses": [{"name": "x", "parameters": {}}]}), "VolumeSnapshotClass")
+        self.assertNotIn("parameters", vsc)
+
+    def test_schema_refuses_bad_backup_values(self):
+        chart = helm.Chart.load(render.CHART)
+        good_url = "https://acct.blob.core.windows.net/backups"
+        for bad in [{"backup": {"urls": ["https://acct.blob.core.windows.net/backups?sv=2024&sig=x"]}},
+                    {"backup": {"urls": ["http://acct.blob.core.windows.net/backups"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/backups#x"]}},
+                    {"backup": {"urls": ["https://user@acct.blob.core.windows.net/backups"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/backups,https://b.blob.core.windows.net/c"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/Backups"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/ab"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/-backups"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/"]}},
+                    {"backup": {"urls": ["https://acct.blob.core.windows.net/backups/sub/dir"]}},
+                    {"backup": {"urls": good_url}},
+                    {"backup": {"clientId": "not-a-guid"}}, {"backup": {"clientId": "11111111222233334444555555555555"}},
+                    {"backup": {"tokenExpirationSeconds": 599}}, {"backup": {"tokenExpirationSeconds": "3600"}},
+                    {"backup": {"url": [good_url]}},
+                    {"snapshotClasses": [{"name": "x", "parameters": {"backupURL": good_url, "fsType": "ext4"}}]},
+                    {"snapshotClasses": [{"name": "x", "parameters": {"backupUrl": good_url}}]},
+                    {"snapshotClasses": [{"name": "x", "parameters": {"backupURL": "http://acct.blob.core.windows.net/backups"}}]},
+                    {"snapshotClasses": [{"name": "x", "parameters": {"backupURL": 5}}]}]:
+            with self.assertRaises(helm.HelmValuesError, msg=str(bad)):
+                chart.validate_schema(chart.merge_values(bad))
+        for good in [{"backup": {"urls": [good_url, good_url + "/", "https://127.0.0.1:10000/devstoreaccount1/backups"],
+                                 "clientId": "11111111-2222-3333-4444-55555555AAAA", "tokenExpirationSeconds": 600}},
+                     {"backup": {"urls": [], "clientId": ""}},
+                     {"snapshotClasses": [{"name": "x", "parameters": {"backupURL": good_url}}]}]:
+            chart.validate_schema(chart.merge_values(good))
+
+    def test_backup_example(self):
+        (values,) = [v for n, v in render.example_values() if n == "backups"]
+        objs = objects(values)
+        urls = values["backup"]["urls"]
+        self.assertTrue(urls)
+        driver = containers(objs)["sealvol"]
+        self.assertEqual(arg(driver["args"], "backup-url"), [",".join(urls)])
+        self.assertEqual(arg(driver["args"], "backup-client-id"), [values["backup"]["clientId"]])
+        classes = {c["metadata"]["name"]: c for c in by_kind(objs, "VolumeSnapshotClass")}
+        backed = [c for c in classes.values() if "parameters" in c]
+        self.assertEqual(len(backed), 1)
+        self.assertEqual(len(classes), 2, "a local class and a backup class")
+        self.assertIn(backed[0]["parameters"]["backupURL"], urls)
+        self.assertEqual(set(backed[0]["parameters"]), {"backupURL"})
+        # And in deploy/, where the VolumeSnapshotClasses go apart.
+        apart = render.outputs()[f"{render.SNAPSHOT_DIR}/backups.yaml"]
+        self.assertIn(backed[0], [d for d in yaml.safe_load_all(apart) if d])
+        # The federated credential's subject its comment names is the ServiceAccount the pod runs as.
+        (ds,) = by_kind(objs, "DaemonSet")
+        subject = f"system:serviceaccount:{render.NAMESPACE}:{ds['spec']['template']['spec']['serviceAccountName']}"
+        with open(os.path.join(render.CHART, "examples", "backups.yaml")) as fh:
+            self.assertIn(subject, fh.read())
+
+    def test_backup_identity_is_documented(self):
+        with open(os.path.join(render.CHART, "values.yaml")) as fh:
+            text = " ".join(re.sub(r"\n\s*#", " ", fh.read()).split())  # comments, joined across lines
+        for phrase in ['"Backups to Azure Blob storage"', "system:serviceaccount:<release namespace>:<chart fullname>",
+                       "OIDC issuer", "api://AzureADTokenExchange", '"Storage Blob Data Contributor"', "NO Key Vault role",
+                       "backupURL"]:
+            self.assertIn(phrase, text)
 
     def test_snapshot_requirements_are_documented(self):
         with open(os.path.join(render.CHART, "values.yaml")) as fh:

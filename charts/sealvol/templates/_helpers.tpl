@@ -50,3 +50,22 @@ external-resizer-{{ regexReplaceAll "[^a-zA-Z0-9-]" .Values.driverName "-" }}
 {{- define "sealvol.metricsAddress" -}}
 {{ if .Values.metrics.expose }}0.0.0.0{{ else }}127.0.0.1{{ end }}:{{ .Values.metrics.port }}
 {{- end -}}
+
+{{/* "true" when snapshots may be backed up to Azure Blob storage (backup.urls), after checking
+what the driver needs for it: its own identity's client id and tenant. Empty when off. */}}
+{{- define "sealvol.backup" -}}
+{{- if .Values.backup.urls -}}
+{{- if not .Values.backup.clientId -}}
+{{- fail "backup.urls needs backup.clientId: the client id of the driver's own managed identity (federated with its ServiceAccount), which uploads the backups" -}}
+{{- end -}}
+{{- if not .Values.azure.tenantId -}}
+{{- fail "backup.urls needs azure.tenantId: the tenant of the driver's own identity (backup.clientId)" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Where the driver's projected ServiceAccount token for its backup identity is mounted, the
+directory the Azure Workload Identity webhook uses (and the driver's --backup-token-file
+default). */}}
+{{- define "sealvol.backupTokenDir" -}}/var/run/secrets/azure/tokens{{- end -}}
