@@ -4,6 +4,7 @@
 //! the lifecycle, `pool/` and `crypt/` do the carving and the data path, `sys/` wraps the
 //! kernel. The binary (`src/main.rs`) adds the command line, the benchmark and the demo.
 
+mod backup;
 mod cluster;
 mod crypt;
 mod csi;
@@ -20,6 +21,7 @@ pub mod client;
 pub mod harness;
 pub mod proto;
 
+pub use backup::BackupConfig;
 pub use cluster::{CleanupConfig, ClusterError, run_cleanup};
 pub use node::{NodeConfig, StartError, run_node};
 /// The allocator the binary installs: the system's, clearing every block it frees or moves.

@@ -178,6 +178,21 @@ struct NodeArgs {
     /// meanwhile); a copy that would take longer is abandoned and the volume thawed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     snapshot_freeze_limit: std::time::Duration,
+    /// Blob containers snapshots may be backed up to (a VolumeSnapshotClass's backupURL),
+    /// comma-separated: https://ACCOUNT.blob.core.windows.net/CONTAINER. None: no backups.
+    #[arg(long, value_delimiter = ',')]
+    backup_url: Vec<String>,
+    /// The driver's own identity for the backup containers (the workload identity webhook
+    /// sets AZURE_CLIENT_ID); its tenant is --tenant-id.
+    #[arg(long, env = "AZURE_CLIENT_ID")]
+    backup_client_id: Option<String>,
+    /// The driver's projected ServiceAccount token, exchanged at Entra ID for Storage tokens.
+    #[arg(
+        long,
+        env = "AZURE_FEDERATED_TOKEN_FILE",
+        default_value = "/var/run/secrets/azure/tokens/azure-identity-token"
+    )]
+    backup_token_file: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -259,7 +274,7 @@ fn main() -> anyhow::Result<()> {
                 token_audience: a.token_audience,
                 authority_host: a.authority_host,
                 ca_file: a.ca_file,
-                tenant_id: a.tenant_id,
+                tenant_id: a.tenant_id.clone(),
                 keyvault_verify_challenge: a.keyvault_verify_challenge,
                 reauthorize_interval: a.reauthorize_interval,
                 revoke_grace: a.revoke_grace,
@@ -277,6 +292,12 @@ fn main() -> anyhow::Result<()> {
                 key_memory: match a.key_memory {
                     KeyMemoryArg::Locked => sealvol::KeyMemory::Locked,
                     KeyMemoryArg::Secret => sealvol::KeyMemory::Secret,
+                },
+                backup: sealvol::BackupConfig {
+                    urls: a.backup_url,
+                    client_id: a.backup_client_id,
+                    tenant_id: a.tenant_id,
+                    token_file: a.backup_token_file,
                 },
             };
             runtime.block_on(sealvol::run_node(

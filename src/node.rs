@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub refused_inline_ttl: Duration,
     /// Which memory holds plaintext keys.
     pub key_memory: crate::sys::KeyMemory,
+    /// Snapshot backups to Azure Blob storage: the containers and the driver's own identity.
+    pub backup: crate::backup::BackupConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,8 @@ pub enum StartError {
     Serve(#[from] ServeError),
     #[error("{0}")]
     Policy(String),
+    #[error("snapshot backups: {0}")]
+    Backup(String),
 }
 
 impl From<VolumeError> for StartError {
@@ -116,10 +120,16 @@ fn valid_driver_name(name: &str) -> bool {
 /// HTTP options for Entra ID and Key Vault: the system's trust roots plus `ca_file`, bounded
 /// retries (429 and 5xx are retried with backoff for a few seconds, well within a CSI call's
 /// deadline, then the call fails UNAVAILABLE and kubelet retries it).
-fn azure_client_options(ca_file: Option<&std::path::Path>) -> Result<ClientOptions, StartError> {
+fn azure_client_options(
+    ca_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> Result<ClientOptions, StartError> {
+    // No gzip: blob bytes are checked against digests as they arrive, never transformed.
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(15));
+        .timeout(timeout)
+        .no_gzip()
+        .no_deflate();
     if let Some(path) = ca_file {
         builder = builder.tls_certs_merge(read_ca(path)?);
     }
@@ -357,7 +367,17 @@ pub async fn run_node(
     let pools = tokio::task::block_in_place(|| {
         Pools::open(&specs, &state_dir, &tools, cfg.take_over_disks)
     })?;
-    let azure = azure_client_options(cfg.ca_file.as_deref())?;
+    let azure = azure_client_options(cfg.ca_file.as_deref(), Duration::from_secs(15))?;
+    // A block of a backup is up to a few MiB: give it longer than a Key Vault call.
+    let backups = crate::backup::BackupStore::new(
+        &cfg.backup,
+        azure_client_options(cfg.ca_file.as_deref(), Duration::from_secs(120))?,
+        &cfg.authority_host,
+    )
+    .map_err(StartError::Backup)?;
+    if let Some(b) = &backups {
+        tracing::info!(containers = ?b.urls(), "snapshot backups enabled");
+    }
     let key_vault_http = key_vault_client(cfg.ca_file.as_deref())?;
     let release = KeyRelease {
         entra: Entra::new(&cfg.authority_host, azure.clone()),
@@ -383,6 +403,7 @@ pub async fn run_node(
         pools,
         tools,
         release,
+        backups,
     ));
     let report = tokio::task::block_in_place(|| manager.recover())?;
     if !online_expansion {
@@ -391,6 +412,13 @@ pub async fn run_node(
         );
     }
     tracing::info!(?report, "recovery done");
+    let resumed = tokio::task::block_in_place(|| manager.resume_uploads());
+    if resumed > 0 {
+        tracing::info!(
+            resumed,
+            "resuming snapshot backups a previous run left unfinished"
+        );
+    }
     spawn_refused_inline_sweeper(Arc::clone(&manager), cfg.refused_inline_ttl);
     spawn_lost_volume_check(Arc::clone(&manager), cfg.driver_name.clone());
     if let Some(addr) = cfg.metrics_address {

@@ -37,8 +37,8 @@ fn to_snapshot(s: &SnapshotSummary) -> csi::Snapshot {
             seconds: s.created_unix as i64,
             nanos: 0,
         }),
-        // The copy is complete before CreateSnapshot answers.
-        ready_to_use: true,
+        // The local copy is complete before CreateSnapshot answers; a backup once uploaded.
+        ready_to_use: s.ready_to_use,
         group_snapshot_id: String::new(),
     }
 }
@@ -215,9 +215,14 @@ impl csi::controller_server::Controller for ControllerService {
                     message: "is required".into(),
                 });
             }
-            parse::snapshot_parameters(&req.parameters)?;
+            let backup_url = parse::snapshot_parameters(&req.parameters)?;
             let source = parse::existing_volume_id(&req.source_volume_id)?;
-            let snapshot = manager.create_snapshot(&req.name, &source)?;
+            let snapshot = manager.create_snapshot(&req.name, &source, backup_url.as_deref())?;
+            if !snapshot.ready_to_use {
+                // Its backup is uploading (or starts again here): the sidecar asks again
+                // until it is ready.
+                manager.ensure_upload(&snapshot.id)?;
+            }
             Ok(csi::CreateSnapshotResponse {
                 snapshot: Some(to_snapshot(&snapshot)),
             })

@@ -76,23 +76,28 @@ pub(super) fn content_source(
 
 /// CreateSnapshot's parameters: only the ones external-snapshotter adds
 /// (`csi.storage.k8s.io/...`), which say nothing sealvol needs.
+/// The VolumeSnapshotClass parameters: `backupURL` (a backup container) or nothing; the
+/// sidecar's own `csi.storage.k8s.io/` keys are ignored.
 pub(super) fn snapshot_parameters(
     params: &std::collections::HashMap<String, String>,
-) -> Result<(), VolumeError> {
+) -> Result<Option<String>, VolumeError> {
     match params
         .keys()
-        .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+        .find(|k| !k.starts_with("csi.storage.k8s.io/") && k.as_str() != BACKUP_URL)
     {
         Some(k) => Err(invalid(
             "parameters",
             format!(
-                "{:?} is not a snapshot parameter sealvol knows (it takes none)",
+                "{:?} is not a snapshot parameter sealvol knows (it takes {BACKUP_URL} only)",
                 k.chars().take(64).collect::<String>()
             ),
         )),
-        None => Ok(()),
+        None => Ok(params.get(BACKUP_URL).cloned()),
     }
 }
+
+/// The VolumeSnapshotClass parameter naming the Blob container a snapshot is backed up to.
+const BACKUP_URL: &str = "backupURL";
 
 pub(super) fn capacity_range(range: Option<&csi::CapacityRange>) -> CapacityRange {
     range

@@ -193,7 +193,7 @@ impl Entra {
 
 /// A definitive refusal (one of `DEFINITIVE_AADSTS`, on a 4xx) is the pod's problem;
 /// everything else is Entra's, and transient.
-fn classify(e: azure_core::Error) -> IdentityError {
+pub(crate) fn classify(e: azure_core::Error) -> IdentityError {
     let text = first_line(&e.to_string());
     let status = e.http_status().map(u16::from);
     let code = aadsts_code(&text);

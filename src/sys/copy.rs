@@ -162,7 +162,7 @@ nix::ioctl_readwrite_bad!(
 /// The (offset, length) of every extent of `file` that holds written data, in order, after its
 /// dirty pages are flushed (FIEMAP_FLAG_SYNC): holes and unwritten (reserved) extents, which
 /// read as zeros, are left out.
-fn written_extents(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError> {
+pub(crate) fn written_extents(file: &File, what: &Path) -> Result<Vec<(u64, u64)>, SysError> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut start = 0u64;
     loop {

@@ -15,7 +15,7 @@ mod mount;
 mod mountinfo;
 
 pub(crate) use cmd::{BlkidProbe, Tools};
-pub(crate) use copy::{Copied, copy_file, freeze, thaw};
+pub(crate) use copy::{Copied, copy_file, freeze, thaw, written_extents};
 pub(crate) use error::SysError;
 pub(crate) use fs::{
     FsUsage, allocated_bytes, fsync_dir, probe_metadata_write, punch_hole, reserve, statvfs,

@@ -93,6 +93,7 @@ impl Manager {
             source: None,
             grow_filesystem: false,
             key_bound_to: None,
+            backup: None,
             volume_id: id.to_string(),
             name: req.name.clone(),
             capacity_bytes: capacity,

@@ -64,6 +64,9 @@ pub(crate) struct VolumeRecord {
     /// when the DEK is wrapped again under this volume's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) key_bound_to: Option<String>,
+    /// A snapshot's backup container, and whether its upload finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) backup: Option<super::backup::BackupRecord>,
 }
 
 /// A Kubernetes object to post events on.
@@ -168,6 +171,7 @@ mod tests {
             source: None,
             grow_filesystem: false,
             key_bound_to: None,
+            backup: None,
             volume_id: "sv-00000000000000000000000000000000".into(),
             name: "pvc-1".into(),
             capacity_bytes: capacity,

@@ -166,6 +166,7 @@ impl Manager {
             source: None,
             grow_filesystem: false,
             key_bound_to: None,
+            backup: None,
             volume_id: id.to_string(),
             name: id.to_string(),
             capacity_bytes: size,

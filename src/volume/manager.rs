@@ -69,6 +69,9 @@ pub(crate) struct Manager {
     pub(super) abnormal: Mutex<std::collections::HashSet<VolumeId>>,
     /// Which loop device backs each volume file, so a lookup opens one device, not all.
     pub(super) loops: LoopIndex,
+    /// The backup containers (`--backup-url`) and the driver's identity; None: no backups.
+    pub(super) backups: Option<std::sync::Arc<crate::backup::BackupStore>>,
+    pub(super) uploads: super::backup::Uploads,
 }
 
 pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> VolumeError {
@@ -135,6 +138,7 @@ impl Manager {
         pools: Pools,
         tools: Tools,
         release: KeyRelease,
+        backups: Option<crate::backup::BackupStore>,
     ) -> Manager {
         let authorizations = Authorizations::new(&settings.state_dir);
         Manager {
@@ -147,6 +151,8 @@ impl Manager {
             authorizations,
             abnormal: Mutex::new(std::collections::HashSet::new()),
             loops: LoopIndex::default(),
+            backups: backups.map(std::sync::Arc::new),
+            uploads: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! stats, and the recovery that makes every step safe to repeat after a crash.
 
 mod authorization;
+mod backup;
 mod crash;
 mod create;
 mod destroy;

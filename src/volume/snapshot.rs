@@ -38,6 +38,8 @@ pub(crate) struct SnapshotSummary {
     /// The size of a volume restored from it, at least.
     pub(crate) size_bytes: u64,
     pub(crate) created_unix: u64,
+    /// False while its backup is uploading: it may not be restored from yet.
+    pub(crate) ready_to_use: bool,
 }
 
 /// Where a new volume's content comes from.
@@ -53,11 +55,12 @@ fn snapshot_summary(id: &VolumeId, r: &VolumeRecord) -> SnapshotSummary {
         source_volume_id: r.source.clone().unwrap_or_default(),
         size_bytes: r.capacity_bytes,
         created_unix: r.created_unix,
+        ready_to_use: r.backup.as_ref().is_none_or(|b| b.uploaded),
     }
 }
 
 impl Manager {
-    fn load_snapshot(&self, id: &VolumeId) -> Result<Option<Volume>, VolumeError> {
+    pub(super) fn load_snapshot(&self, id: &VolumeId) -> Result<Option<Volume>, VolumeError> {
         let Some(file) = self.pools.find_snapshot(id.as_str()) else {
             return Ok(None);
         };
@@ -72,27 +75,38 @@ impl Manager {
         Ok(snap)
     }
 
-    /// Takes snapshot `name` of volume `source`, or returns it if it exists (ALREADY_EXISTS if
-    /// it is of another volume).
+    /// Takes snapshot `name` of volume `source`, to be backed up to the container `backup_url`
+    /// when one is named, or returns it if it exists (ALREADY_EXISTS if it is of another volume
+    /// or goes to another container).
     pub(crate) fn create_snapshot(
         &self,
         name: &str,
         source: &VolumeId,
+        backup_url: Option<&str>,
     ) -> Result<SnapshotSummary, VolumeError> {
         super::params::check_name(name)?;
+        let backup_url = backup_url.map(|u| self.backup_url(u)).transpose()?;
         let id = VolumeId::snapshot_for_name(name);
         let _snapshot_guard = self.lock(&id)?;
         if let Some(leftover) = self.pools.find_deleting(id.as_str()) {
             self.finish_destroy(&leftover)?;
         }
         if let Some(existing) = self.load_snapshot(&id)? {
-            if existing.record.source.as_deref() == Some(source.as_str()) {
-                return Ok(snapshot_summary(&id, &existing.record));
+            let existing_url = existing.record.backup.as_ref().map(|b| b.url.as_str());
+            if existing.record.source.as_deref() != Some(source.as_str()) {
+                return Err(VolumeError::AlreadyExists(format!(
+                    "snapshot {name:?} exists as {id}, of volume {}, not {source}",
+                    existing.record.source.as_deref().unwrap_or("?")
+                )));
             }
-            return Err(VolumeError::AlreadyExists(format!(
-                "snapshot {name:?} exists as {id}, of volume {}, not {source}",
-                existing.record.source.as_deref().unwrap_or("?")
-            )));
+            if existing_url != backup_url.as_deref() {
+                return Err(VolumeError::AlreadyExists(format!(
+                    "snapshot {name:?} exists as {id}, backed up to {}, not {}",
+                    existing_url.unwrap_or("nothing"),
+                    backup_url.as_deref().unwrap_or("nothing")
+                )));
+            }
+            return Ok(snapshot_summary(&id, &existing.record));
         }
         let _volume_guard = self.lock(source)?;
         let vol = self.load(source)?.ok_or_else(|| not_found(source))?;
@@ -103,6 +117,9 @@ impl Manager {
                     "{source} is an inline volume; only volumes made by CreateVolume have snapshots"
                 ),
             ));
+        }
+        if backup_url.is_some() {
+            self.check_backup_source(&vol.record)?;
         }
         let disk = vol.file.disk();
         {
@@ -136,6 +153,10 @@ impl Manager {
                     .key_bound_to
                     .clone()
                     .unwrap_or_else(|| source.to_string())
+            }),
+            backup: backup_url.map(|url| super::backup::BackupRecord {
+                url,
+                uploaded: false,
             }),
             ..vol.record.clone()
         };
@@ -235,8 +256,12 @@ impl Manager {
             self.finish_destroy(&leftover)?;
         }
         let Some(snap) = self.load_snapshot(&id)? else {
-            return Ok(());
+            return self.delete_foreign_backups(&id);
         };
+        if let Some(backup) = &snap.record.backup {
+            self.stop_upload(&id)?;
+            self.delete_backup(&id, &backup.url)?;
+        }
         self.destroy_file(&snap)?;
         tracing::info!(snapshot.id = %id, "snapshot deleted and wiped");
         Ok(())
@@ -244,10 +269,15 @@ impl Manager {
 
     pub(crate) fn get_snapshot(&self, raw_id: &str) -> Result<SnapshotSummary, VolumeError> {
         let id = VolumeId::parse_snapshot(raw_id).map_err(VolumeError::NotFound)?;
-        let snap = self
-            .load_snapshot(&id)?
-            .ok_or_else(|| VolumeError::NotFound(format!("snapshot {id} does not exist")))?;
-        Ok(snapshot_summary(&id, &snap.record))
+        if let Some(snap) = self.load_snapshot(&id)? {
+            return Ok(snapshot_summary(&id, &snap.record));
+        }
+        match self.find_backup(&id)? {
+            Some((_, m)) => Ok(Self::backup_summary(&id, &m)),
+            None => Err(VolumeError::NotFound(format!(
+                "snapshot {id} does not exist"
+            ))),
+        }
     }
 
     /// Snapshots in id order, filtered by id or source volume, `max_entries` at a time (0:
@@ -266,6 +296,15 @@ impl Manager {
                     .into_iter()
                     .filter(|n| snapshot_id.is_empty() || snapshot_id == n),
             );
+        }
+        if names.is_empty()
+            && let Ok(id) = VolumeId::parse_snapshot(snapshot_id)
+            && let Some((_, m)) = self.find_backup(&id)?
+        {
+            // Not on this node, but in one of its backup containers.
+            let s = Self::backup_summary(&id, &m);
+            let wanted = source_volume_id.is_empty() || s.source_volume_id == source_volume_id;
+            return Ok((if wanted { vec![s] } else { Vec::new() }, None));
         }
         super::create::page(
             names,
@@ -299,9 +338,16 @@ impl Manager {
         let (source_id, source, _guard, field) = match from {
             ContentSource::Snapshot(s) => {
                 let guard = self.lock(s)?;
-                let snap = self
-                    .load_snapshot(s)?
-                    .ok_or_else(|| VolumeError::NotFound(format!("snapshot {s} does not exist")))?;
+                let Some(snap) = self.load_snapshot(s)? else {
+                    return match self.find_backup(s)? {
+                        Some((url, manifest)) => {
+                            self.restore_from_backup(req, id, s, &url, &manifest)
+                        }
+                        None => Err(VolumeError::NotFound(format!(
+                            "snapshot {s} does not exist (not on this node, nor in its backup containers)"
+                        ))),
+                    };
+                };
                 (s, snap, guard, "volume_content_source.snapshot")
             }
             ContentSource::Volume(v) => {
@@ -319,17 +365,7 @@ impl Manager {
             }
         };
         let r = &source.record;
-        if req.params.key_mode != r.key_mode
-            || !super::create::same_kek(r.kms.as_ref(), req.params.kms.as_ref())
-        {
-            return Err(invalid(
-                "parameters",
-                format!(
-                    "{source_id} has keyMode {} and its own Key Vault key; a volume made from it keeps them (and its wrapped DEK): use a StorageClass with the same keyMode, vault and key ({field})",
-                    r.key_mode.as_str()
-                ),
-            ));
-        }
+        self.check_same_key(req, r, source_id, field)?;
         if let Some(pool) = &req.params.pool
             && pool != &r.pool
         {
@@ -379,14 +415,54 @@ impl Manager {
             ContentSource::Snapshot(_) => copy_into(&source.file.path, &tmp, None, reflink)?,
             ContentSource::Volume(_) => self.copy_from_volume(&source, &tmp, reflink)?,
         }
+        self.finish_restore(req, id, source_id, r, &tmp, &disk, &r.pool, capacity, guard)
+    }
+
+    /// A new volume made from `source_id` (whose record is `r`) must name its key mode and KEK.
+    pub(super) fn check_same_key(
+        &self,
+        req: &CreateRequest,
+        r: &VolumeRecord,
+        source_id: &VolumeId,
+        field: &str,
+    ) -> Result<(), VolumeError> {
+        if req.params.key_mode != r.key_mode
+            || !super::create::same_kek(r.kms.as_ref(), req.params.kms.as_ref())
+        {
+            return Err(invalid(
+                "parameters",
+                format!(
+                    "{source_id} has keyMode {} and its own Key Vault key; a volume made from it keeps them (and its wrapped DEK): use a StorageClass with the same keyMode, vault and key ({field})",
+                    r.key_mode.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns the copy of `source_id` at `tmp` (its record `r`) into volume `id` of `capacity`
+    /// bytes in `pool`: sized, reserved when thick, given its own header, renamed into place.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_restore(
+        &self,
+        req: &CreateRequest,
+        id: &VolumeId,
+        source_id: &VolumeId,
+        r: &VolumeRecord,
+        tmp: &Path,
+        disk: &Disk,
+        pool: &str,
+        capacity: u64,
+        guard: Temporary,
+    ) -> Result<VolumeSummary, VolumeError> {
         let file = OpenOptions::new()
             .write(true)
-            .open(&tmp)
-            .map_err(io_err("open", &tmp))?;
+            .open(tmp)
+            .map_err(io_err("open", tmp))?;
         file.set_len(HEADER_BYTES + capacity)
-            .map_err(io_err("size", &tmp))?;
+            .map_err(io_err("size", tmp))?;
         if req.params.provisioning == Provisioning::Thick {
-            sys::reserve(&file, &tmp, 0, HEADER_BYTES + capacity)
+            sys::reserve(&file, tmp, 0, HEADER_BYTES + capacity)
                 .map_err(|e| super::create::reserve_error(e, capacity))?;
         }
         drop(file);
@@ -409,11 +485,13 @@ impl Manager {
                     .clone()
                     .unwrap_or_else(|| r.volume_id.clone())
             }),
+            pool: pool.to_string(),
+            backup: None,
             ..r.clone()
         };
-        finish_file(&tmp, &disk.volume_path(id.as_str()), &record, &disk)?;
+        finish_file(tmp, &disk.volume_path(id.as_str()), &record, disk)?;
         guard.placed();
-        tracing::info!(volume.id = %id, source = %source_id, capacity, "volume made from {}", if matches!(from, ContentSource::Snapshot(_)) { "a snapshot" } else { "a clone" });
+        tracing::info!(volume.id = %id, source = %source_id, capacity, "volume made from {}", if r.lifecycle == Lifecycle::Snapshot { "a snapshot" } else { "a clone" });
         Ok(summary(id, &record))
     }
 }
@@ -453,10 +531,10 @@ impl Drop for Frozen<'_> {
 }
 
 /// A temporary file removed when dropped, unless it was renamed into place.
-struct Temporary(Option<PathBuf>);
+pub(super) struct Temporary(Option<PathBuf>);
 
 impl Temporary {
-    fn new(path: &Path) -> Temporary {
+    pub(super) fn new(path: &Path) -> Temporary {
         Temporary(Some(path.to_path_buf()))
     }
 

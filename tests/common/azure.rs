@@ -18,9 +18,28 @@ pub struct Azure {
     pub emu: Emulator,
 }
 
+/// The driver's own identity (snapshot backups): a Blob role on the backup container, no Key
+/// Vault role.
+pub const DRIVER: &str = "3d1c6a0e-1111-4111-8111-0000000000dd";
+pub const DRIVER_OID: &str = "9f0c2d4e-2222-4222-8222-0000000000dd";
+/// Reads the backup container (the tests' eyes on what a backup holds).
+pub const READER: &str = "3d1c6a0e-1111-4111-8111-0000000000ee";
+pub const ACCOUNT: &str = "devstoreaccount1";
+pub const CONTAINER: &str = "backups";
+
 impl Azure {
     pub async fn start() -> Azure {
-        let config = Config::parse(&json!({
+        Azure::start_with(false).await
+    }
+
+    /// With Blob storage (Azurite behind the emulator's RBAC gateway), the driver's identity
+    /// and a reader.
+    pub async fn start_with_blob() -> Azure {
+        Azure::start_with(true).await
+    }
+
+    async fn start_with(blob: bool) -> Azure {
+        let mut config = json!({
             "tenants": [{"id": TENANT, "identities": [
                 {"name": "app", "client_id": APP, "object_id": APP_OID, "federated_credentials": [
                     {"name": "app", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:default:app"},
@@ -42,15 +61,58 @@ impl Azure {
                 {"principal": APP_OID, "role": "Key Vault Secrets User", "scope": "/vaults/kv/secrets/kek-secret"},
                 {"principal": "9f0c2d4e-2222-4222-8222-0000000000bb", "role": "Key Vault Reader", "scope": "/vaults/kv"}
             ]
-        }).to_string()).unwrap();
+        });
+        let mut azurite = None;
+        if blob {
+            let scope = format!("/storageAccounts/{ACCOUNT}/containers/{CONTAINER}");
+            config["tenants"][0]["identities"]
+                .as_array_mut()
+                .unwrap()
+                .extend([
+                    json!({"name": "sealvol-node", "client_id": DRIVER, "object_id": DRIVER_OID, "federated_credentials": [
+                        {"name": "node", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:kube-system:sealvol-node"}]}),
+                    json!({"name": "reader", "client_id": READER, "object_id": "9f0c2d4e-2222-4222-8222-0000000000ee", "federated_credentials": [
+                        {"name": "reader", "issuer": "{emulator}/issuers/cluster", "subject": "system:serviceaccount:default:reader"}]}),
+                ]);
+            config["role_assignments"].as_array_mut().unwrap().extend([
+                json!({"principal": DRIVER_OID, "role": "Storage Blob Data Contributor", "scope": scope}),
+                json!({"principal": "9f0c2d4e-2222-4222-8222-0000000000ee", "role": "Storage Blob Data Reader", "scope": scope}),
+            ]);
+            config["storage_accounts"] = json!([{"name": ACCOUNT, "containers": [CONTAINER]}]);
+            azurite = Some(azurite_binary());
+        }
         let emu = Emulator::start(Options {
-            config,
+            config: Config::parse(&config.to_string()).unwrap(),
             admin: true,
+            azurite,
             ..Options::default()
         })
         .await
         .unwrap();
         Azure { emu }
+    }
+
+    /// The backup container's URL.
+    pub fn container_url(&self) -> String {
+        format!("{}/{CONTAINER}", self.emu.blob_url(ACCOUNT).unwrap())
+    }
+
+    /// The driver's projected ServiceAccount token (kube-system/sealvol-node).
+    pub fn driver_token(&self) -> String {
+        self.emu
+            .mint_token(
+                "cluster",
+                &TokenRequest {
+                    namespace: "kube-system".into(),
+                    service_account: "sealvol-node".into(),
+                    audiences: vec![AUD.into()],
+                    pod_name: None,
+                    pod_uid: None,
+                    ttl_secs: 3600,
+                    offset_secs: 0,
+                },
+            )
+            .unwrap()
     }
 
     pub fn token(&self, sa: &str) -> String {
@@ -117,6 +179,42 @@ impl Azure {
     }
 }
 
+/// Azurite's Blob service: `$AZURITE_BLOB`, else `azurite-blob` on the PATH.
+pub fn azurite_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("AZURITE_BLOB") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("azurite-blob"))
+        .find(|p| p.exists());
+    found.unwrap_or_else(|| {
+        panic!("azurite-blob is not installed: npm install -g azurite@3.37.0 (hack/test does)")
+    })
+}
+
+/// A node plugin that backs snapshots up to the emulator's container with the driver's own
+/// identity, started with `env`.
+pub async fn node_with_backup(
+    azure: &Azure,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (ScratchNode, CsiClient) {
+    require_root();
+    let node = ScratchNode::new(&binary(), None).unwrap();
+    let token = node.root.join("driver-token");
+    std::fs::write(&token, azure.driver_token()).unwrap();
+    let mut args = vec![
+        format!("--backup-url={}", azure.container_url()),
+        format!("--backup-client-id={DRIVER}"),
+        format!("--backup-token-file={}", token.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    start_for_env(azure, node, &args, env).await
+}
+
 pub async fn node_for(azure: &Azure) -> (ScratchNode, CsiClient) {
     node_with(azure, &[]).await
 }
@@ -137,10 +235,15 @@ pub async fn node_in_container(azure: &Azure, extra: &[&str]) -> (ScratchNode, C
     start_for(azure, node, extra).await
 }
 
-async fn start_for(
+async fn start_for(azure: &Azure, node: ScratchNode, extra: &[&str]) -> (ScratchNode, CsiClient) {
+    start_for_env(azure, node, extra, &[]).await
+}
+
+async fn start_for_env(
     azure: &Azure,
     mut node: ScratchNode,
     extra: &[&str],
+    env: &[(&str, &str)],
 ) -> (ScratchNode, CsiClient) {
     let ca = node.root.join("emulator-ca.pem");
     std::fs::write(&ca, &azure.emu.ca_cert_pem).unwrap();
@@ -157,7 +260,7 @@ async fn start_for(
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
     node = node.with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let client = node.start(&[]).await.unwrap();
+    let client = node.start(env).await.unwrap();
     (node, client)
 }
 
