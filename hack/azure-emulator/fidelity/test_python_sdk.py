@@ -1,10 +1,12 @@
 """Fidelity of the emulator, checked with Microsoft's own Python SDK (azure-identity,
-azure-keyvault-keys, azure-keyvault-secrets from PyPI): a client nobody here wrote must not be
-able to tell the emulator from Entra ID, Key Vault and Managed HSM for the calls sealvol makes
-and the behaviours its tests and docs/azure-setup.md rely on. Each expectation cites the Azure
+azure-keyvault-keys, azure-keyvault-secrets, azure-storage-blob from PyPI): a client nobody here
+wrote must not be able to tell the emulator from Entra ID, Key Vault, Managed HSM and Blob
+storage (Azurite behind the emulator's RBAC gateway) for the calls sealvol makes and the
+behaviours its tests and docs/azure-setup.md rely on. Each expectation cites the Azure
 documentation it follows or, where the documentation is silent, the recorded observation.
 
-Run by hack/test after the emulator is built; EMULATOR_BIN names the binary.
+Run by hack/test after the emulator is built; EMULATOR_BIN names the binary. The Blob tests
+need Azurite's azurite-blob (AZURITE_BLOB, else PATH; `npm install -g azurite@3.37.0`).
 """
 
 import base64
@@ -12,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import tempfile
@@ -27,6 +30,7 @@ from azure.identity import WorkloadIdentityCredential
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from azure.keyvault.secrets import SecretClient
+from azure.storage.blob import BlobBlock, ContainerClient
 
 TENANT = "72f988bf-0000-4000-8000-000000000001"
 APP = {"client_id": "3d1c6a0e-1111-4111-8111-000000000001", "object_id": "9f0c2d4e-2222-4222-8222-000000000001"}
@@ -492,6 +496,127 @@ class EmulatorFidelity(unittest.TestCase):
                          {"principal": APP["object_id"], "role": "Storage Blob Data Contributor",
                           "scope": "/vaults/kv"})
         self.assertEqual(caught.exception.code, 400)
+
+
+class BlobGatewayFidelity(unittest.TestCase):
+    """Blob storage through the emulator's gateway, as azure-storage-blob sees it."""
+
+    WRITER = {"client_id": "3d1c6a0e-1111-4111-8111-0000000000b1", "object_id": "9f0c2d4e-2222-4222-8222-0000000000b1"}
+    READER = {"client_id": "3d1c6a0e-1111-4111-8111-0000000000b2", "object_id": "9f0c2d4e-2222-4222-8222-0000000000b2"}
+    SCOPE = "/storageAccounts/devstoreaccount1/containers/backups"
+
+    @classmethod
+    def setUpClass(cls):
+        azurite = os.environ.get("AZURITE_BLOB") or shutil.which("azurite-blob")
+        if not azurite:
+            raise AssertionError("the Blob tests need Azurite's azurite-blob on PATH or in AZURITE_BLOB: "
+                                 "install it with `npm install -g azurite@3.37.0`")
+        cls.dir = tempfile.TemporaryDirectory()
+        config = {
+            "tenants": [{"id": TENANT, "identities": [
+                {"name": "writer", **cls.WRITER, "federated_credentials": fic("writer")},
+                {"name": "reader", **cls.READER, "federated_credentials": fic("reader")},
+                {"name": "nobody", **NOBODY, "federated_credentials": fic("nobody")},
+            ]}],
+            "issuers": ["cluster"],
+            "storage_accounts": [{"name": "devstoreaccount1", "containers": ["backups"]}],
+            "role_assignments": [
+                {"principal": cls.WRITER["object_id"], "role": "Storage Blob Data Contributor", "scope": cls.SCOPE},
+                {"principal": cls.READER["object_id"], "role": "Storage Blob Data Reader", "scope": cls.SCOPE},
+            ],
+        }
+        path = os.path.join(cls.dir.name, "config.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        cls.ca = os.path.join(cls.dir.name, "ca.pem")
+        cls.proc = subprocess.Popen(
+            [os.environ["EMULATOR_BIN"], "serve", "--config", path, "--ca-out", cls.ca, "--admin",
+             "--azurite", azurite],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cls.base = cls.proc.stdout.readline().strip()
+        assert cls.base.startswith("https://"), cls.base
+        # No vaults or HSMs here: the next line is the storage account's.
+        kind, name, cls.account_url = cls.proc.stdout.readline().split()
+        assert (kind, name) == ("blob", "devstoreaccount1"), (kind, name)
+        os.environ["REQUESTS_CA_BUNDLE"] = cls.ca
+        cls.ctx = ssl.create_default_context(cafile=cls.ca)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proc.terminate()
+        cls.proc.wait(10)
+        cls.dir.cleanup()
+
+    def tearDown(self):
+        self.control("DELETE", "/_emulator/faults")
+
+    def control(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, context=self.ctx) as r:
+            text = r.read()
+            return json.loads(text) if text else None
+
+    def container(self, who, sa):
+        credential = None
+        if who:
+            token = self.control("POST", "/_emulator/issuers/cluster/token",
+                                 {"namespace": "default", "service_account": sa})["token"]
+            path = os.path.join(self.dir.name, sa + ".token")
+            with open(path, "w") as f:
+                f.write(token)
+            credential = WorkloadIdentityCredential(
+                tenant_id=TENANT, client_id=who["client_id"], token_file_path=path,
+                authority=self.base, disable_instance_discovery=True)
+        return ContainerClient(self.account_url, "backups", credential=credential, retry_total=0)
+
+    def test_the_writer_stages_commits_reads_and_deletes(self):
+        c = self.container(self.WRITER, "writer")
+        blob = c.get_blob_client("snapshots/pvc-1/0001")
+        ids = [base64.b64encode(b"block-%04d" % i).decode() for i in range(2)]
+        blob.stage_block(ids[0], b"first half, ")
+        blob.stage_block(ids[1], b"second")
+        blob.commit_block_list([BlobBlock(block_id=i) for i in ids])
+        committed, _ = blob.get_block_list("all")
+        self.assertEqual([b.id for b in committed], ids)
+        self.assertEqual(blob.download_blob().readall(), b"first half, second")
+        self.assertIn("snapshots/pvc-1/0001", [b.name for b in c.list_blobs()])
+        blob.delete_blob()
+        with self.assertRaises(ResourceNotFoundError):
+            blob.download_blob()
+
+    def test_roles_are_enforced(self):
+        # 403 AuthorizationPermissionMismatch when the role does not grant the data action
+        # (https://learn.microsoft.com/rest/api/storageservices/blob-service-error-codes).
+        self.container(self.WRITER, "writer").upload_blob("r", b"data", overwrite=True)
+        reader = self.container(self.READER, "reader")
+        self.assertEqual(reader.download_blob("r").readall(), b"data")
+        for attempt in (lambda: reader.upload_blob("r2", b"x"), lambda: reader.delete_blob("r"),
+                        lambda: self.container(NOBODY, "nobody").download_blob("r").readall()):
+            with self.assertRaises(HttpResponseError) as caught:
+                attempt()
+            self.assertEqual((caught.exception.status_code, caught.exception.error_code),
+                             (403, "AuthorizationPermissionMismatch"))
+
+    def test_anonymous_requests_get_a_bearer_challenge(self):
+        # 401 NoAuthenticationInformation with a WWW-Authenticate Bearer challenge
+        # (https://learn.microsoft.com/rest/api/storageservices/authorize-with-azure-active-directory).
+        with self.assertRaises(ClientAuthenticationError) as caught:
+            self.container(None, None).download_blob("r").readall()
+        e = caught.exception
+        self.assertEqual((e.status_code, e.error_code), (401, "NoAuthenticationInformation"))
+        self.assertIn("resource_id=https://storage.azure.com", e.response.headers["WWW-Authenticate"])
+
+    def test_injected_server_busy(self):
+        self.control("POST", "/_emulator/faults",
+                     {"route": "blob.put_block", "kind": "status", "status": 503, "retry_after": None,
+                      "count": 1, "duration_ms": None})
+        blob = self.container(self.WRITER, "writer").get_blob_client("busy")
+        with self.assertRaises(HttpResponseError) as caught:
+            blob.stage_block(base64.b64encode(b"x").decode(), b"x")
+        self.assertEqual((caught.exception.status_code, caught.exception.error_code), (503, "ServerBusy"))
+        self.assertEqual(self.control("GET", "/_emulator/counters")["blob.put_block"], {"503": 1})
 
 
 def b64(data):

@@ -1,8 +1,9 @@
 //! The emulator's configuration file (JSON or YAML): tenants with their identities and
 //! federated credentials, fake Kubernetes issuers, vaults with keys and secrets, Managed HSMs
 //! with keys, role assignments (Key Vault, Managed HSM local RBAC, Storage Blob Data), and the
-//! role-assignment propagation delay. `{emulator}` in an issuer URL stands for the emulator's
-//! own base URL, which is only known once it listens (port 0).
+//! role-assignment propagation delay, and storage accounts with their Blob containers (served
+//! by Azurite behind the emulator's RBAC gateway). `{emulator}` in an issuer URL stands for the
+//! emulator's own base URL, which is only known once it listens (port 0).
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,51 @@ pub struct Config {
     /// milliseconds (Azure: up to ten minutes; default 0, at once).
     #[serde(default)]
     pub propagation_delay_ms: u64,
+    /// Storage accounts served by Azurite behind the Blob gateway (needs `Options::azurite`).
+    #[serde(default)]
+    pub storage_accounts: Vec<StorageAccountConfig>,
+}
+
+/// A storage account and the Blob containers created in it at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageAccountConfig {
+    /// 3 to 24 lowercase letters and digits, as Azure names storage accounts.
+    pub name: String,
+    #[serde(default)]
+    pub containers: Vec<String>,
+}
+
+impl StorageAccountConfig {
+    /// Checks the account and container names against Azure's naming rules
+    /// (https://learn.microsoft.com/rest/api/storageservices/naming-and-referencing-containers--blobs--and-metadata):
+    /// Azurite takes names Azure refuses, so a test could pass here and fail in Azure.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.name;
+        if !(3..=24).contains(&n.len())
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(format!(
+                "storage account {n:?}: a name is 3 to 24 lowercase letters and digits"
+            ));
+        }
+        for c in &self.containers {
+            let ok = (3..=63).contains(&c.len())
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !c.starts_with('-')
+                && !c.ends_with('-')
+                && !c.contains("--");
+            if !ok {
+                return Err(format!(
+                    "storage account {n}: container {c:?}: a name is 3 to 63 lowercase letters, digits and single dashes, starting and ending with a letter or digit"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

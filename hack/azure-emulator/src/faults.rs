@@ -1,5 +1,5 @@
-//! Injected faults: per route (a label such as `keyvault.unwrap`, a service prefix such as
-//! `managedhsm.*` or `entra.*`, or `*` for every non-admin route), optionally for one identity
+//! Injected faults: per route (a label such as `keyvault.unwrap` or `blob.put_block`, a service
+//! prefix such as `managedhsm.*`, `entra.*` or `blob.*`, or `*` for every non-admin route), optionally for one identity
 //! only (its client id), a latency, an HTTP status (429 with Retry-After, 500, 503, ...), an
 //! Entra error with a chosen AADSTS code, or a dropped connection; for a number of requests or
 //! for a duration.
@@ -16,14 +16,16 @@ pub enum FaultKind {
         ms: u64,
     },
     /// An HTTP status with the service's own error body (Key Vault's JSON on vault and HSM
-    /// routes, Entra's OAuth error on `entra.*` routes).
+    /// routes, Entra's OAuth error on `entra.*` routes, Storage's XML on `blob.*` routes: 503
+    /// and 429 ServerBusy, else InternalError).
     Status {
         status: u16,
         retry_after: Option<u64>,
     },
     /// Entra's OAuth error body with a chosen status, `error` string and AADSTS code, e.g.
     /// 503 `temporarily_unavailable` 90033, or 400 `invalid_client` 70021. `description` is
-    /// the text after "AADSTSnnnnn: " (a stock text per code when None).
+    /// the text after "AADSTSnnnnn: " (a stock text per code when None). On `blob.*` routes,
+    /// `error` is the Storage error code and `description` its message.
     EntraError {
         status: u16,
         error: String,
@@ -37,8 +39,8 @@ pub enum FaultKind {
 /// How a fault is asked for on the control plane.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultSpec {
-    /// A route label (see `route_label`), a service prefix (`keyvault.*`, `managedhsm.*`,
-    /// `entra.*`), or `*`.
+    /// A route label (see `route_label`, `blob::target`), a service prefix (`keyvault.*`,
+    /// `managedhsm.*`, `entra.*`, `blob.*`), or `*`.
     pub route: String,
     #[serde(flatten)]
     pub kind: FaultKind,
@@ -47,7 +49,8 @@ pub struct FaultSpec {
     /// Applies for this long (None: no limit).
     pub duration_ms: Option<u64>,
     /// Applies only to requests of this identity (None: everyone): on Entra's token endpoint
-    /// the form's `client_id`, on Key Vault and Managed HSM the `appid` of a valid bearer token.
+    /// the form's `client_id`, on Key Vault, Managed HSM and Blob the `appid` of a valid bearer
+    /// token.
     #[serde(default)]
     pub client_id: Option<String>,
 }

@@ -10,12 +10,17 @@
 //!   key and secret ids have the exact shape the SDKs parse);
 //! - Managed HSM `NAME`: likewise its own port, `https://127.0.0.1:HSMPORT`, taking tokens for
 //!   `https://managedhsm.azure.net` only;
+//! - Blob storage account `NAME` (served by Azurite, a child process, behind the emulator's RBAC
+//!   gateway): `https://127.0.0.1:BLOBPORT/NAME`, path-style, taking tokens for
+//!   `https://storage.azure.com`;
 //! - control plane (with `--admin`): `/_emulator/`.
 
 // Handlers return an early `Response` as the error of small helpers: the idiom of axum code.
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod azurite;
+pub mod blob;
 pub mod config;
 pub mod crypto;
 pub mod entra;
@@ -32,10 +37,11 @@ use std::time::Duration;
 
 pub use config::{
     Config, FederatedCredential, HsmConfig, Identity, KeyConfig, KeySpec, RoleAssignment,
-    VaultConfig,
+    StorageAccountConfig, VaultConfig,
 };
 pub use faults::{FaultKind, FaultSpec};
 pub use issuer::TokenRequest;
+pub use rbac::BlobAccess;
 pub use records::RequestRecord;
 pub use server::{Emulator, Options, Service};
 
@@ -193,15 +199,15 @@ impl Emulator {
         true
     }
 
-    /// Whether `principal` may read (or, with `write`, write) blobs in `container` of storage
-    /// account `account` by its Storage Blob Data role assignments. A Blob endpoint such as
-    /// Azurite takes the emulator's storage tokens but checks no roles; tests ask here.
+    /// Whether `principal` may `access` blobs in `container` (None: the account itself) of
+    /// storage account `account` by its Storage Blob Data role assignments, as the Blob
+    /// gateway decides.
     pub fn blob_allowed(
         &self,
         principal: &str,
         account: &str,
-        container: &str,
-        write: bool,
+        container: Option<&str>,
+        access: BlobAccess,
     ) -> bool {
         let mut state = self.shared.lock();
         rbac::blob_allowed(
@@ -209,7 +215,7 @@ impl Emulator {
             principal,
             account,
             container,
-            write,
+            access,
         )
     }
 }

@@ -13,7 +13,7 @@ use sealvol_azure_emulator::{Config, Emulator, Options, TokenRequest};
 #[command(
     name = "sealvol-azure-emulator",
     version,
-    about = "Entra ID, Key Vault and Managed HSM, emulated for sealvol's tests and demo"
+    about = "Entra ID, Key Vault, Managed HSM and Blob storage (through Azurite), emulated for sealvol's tests and demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve Entra ID, Key Vault, Managed HSM and the fake Kubernetes issuers over HTTPS.
+    /// Serve Entra ID, Key Vault, Managed HSM, the fake Kubernetes issuers and (with storage
+    /// accounts) the Blob gateway in front of Azurite over HTTPS.
     Serve {
         /// Address to listen on (port 0 picks one; the bound address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -45,6 +46,10 @@ enum Command {
         /// Serve the control plane under /_emulator/ (tests only).
         #[arg(long)]
         admin: bool,
+        /// Azurite's azurite-blob binary (`npm install -g azurite@3.37.0`): needed when the
+        /// configuration has storage accounts, whose blobs it stores behind the Blob gateway.
+        #[arg(long)]
+        azurite: Option<PathBuf>,
     },
     /// Print a service-account token minted by a running emulator's fake issuer.
     MintToken {
@@ -86,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             ca_cert,
             ca_key,
             admin,
+            azurite,
         } => {
             let config = match config {
                 Some(path) => {
@@ -109,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
                 state_file: state,
                 admin,
                 ca,
+                azurite,
             })
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
@@ -117,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("--ca-out {}", path.display()))?;
             }
             // First line: the authority host and issuer base; then one line per vault, then one
-            // per Managed HSM.
+            // per Managed HSM, then one per storage account (its Blob gateway URL).
             println!("{}", emulator.base_url);
             for (name, _) in emulator.shared.vault_ports.iter() {
                 println!(
@@ -128,8 +135,22 @@ async fn main() -> anyhow::Result<()> {
             for (name, _) in emulator.shared.hsm_ports.iter() {
                 println!("hsm {name} {}", emulator.hsm_url(name).unwrap_or_default());
             }
+            for name in emulator.shared.blob.iter().flat_map(|b| b.accounts.keys()) {
+                println!(
+                    "blob {name} {}",
+                    emulator.blob_url(name).unwrap_or_default()
+                );
+            }
             std::io::stdout().flush()?;
-            tokio::signal::ctrl_c().await?;
+            // SIGTERM too (what harnesses and `terminate()` send): the emulator is then dropped,
+            // which kills Azurite and removes its temporary directory.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            drop(emulator);
             Ok(())
         }
         Command::MintToken {

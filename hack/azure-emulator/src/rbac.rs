@@ -246,28 +246,43 @@ pub fn allowed_in(
         .any(|a| a.principal == principal && scopes.contains(&a.scope) && grants(&a.role, action))
 }
 
-/// Whether `principal` may read (or, with `write`, write) blobs in `container` of storage
-/// `account`, by its Storage Blob Data roles. For tests that pair the emulator's tokens with
-/// a Blob endpoint (Azurite) that does not check roles itself.
+/// What a Blob request does, as the Storage Blob Data roles tell requests apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobAccess {
+    /// Reading blobs, block lists, properties, listings.
+    Read,
+    /// Writing blobs (blocks, block lists, metadata), creating containers.
+    Write,
+    /// Deleting blobs or containers.
+    Delete,
+}
+
+/// Whether Storage Blob Data `role` grants `access`: Reader reads; Contributor and Owner
+/// (Owner adds only ADLS POSIX ACLs) read, write and delete.
+pub fn blob_grants(role: &str, access: BlobAccess) -> bool {
+    match role {
+        "Storage Blob Data Owner" | "Storage Blob Data Contributor" => true,
+        "Storage Blob Data Reader" => access == BlobAccess::Read,
+        _ => false,
+    }
+}
+
+/// Whether `principal` may `access` blobs in `container` of storage `account` by its Storage
+/// Blob Data role assignments, at the account's scope or the container's. `container` None is
+/// the account itself (listing or creating containers): account-wide assignments only.
 pub fn blob_allowed(
     assignments: &[RoleAssignment],
     principal: &str,
     account: &str,
-    container: &str,
-    write: bool,
+    container: Option<&str>,
+    access: BlobAccess,
 ) -> bool {
-    let scopes = [
-        format!("/storageAccounts/{account}"),
-        format!("/storageAccounts/{account}/containers/{container}"),
-    ];
+    let account_scope = format!("/storageAccounts/{account}");
+    let container_scope = container.map(|c| format!("{account_scope}/containers/{c}"));
     assignments.iter().any(|a| {
         a.principal == principal
-            && scopes.contains(&a.scope)
-            && match a.role.as_str() {
-                "Storage Blob Data Owner" | "Storage Blob Data Contributor" => true,
-                "Storage Blob Data Reader" => !write,
-                _ => false,
-            }
+            && (a.scope == account_scope || Some(&a.scope) == container_scope.as_ref())
+            && blob_grants(&a.role, access)
     })
 }
 
@@ -392,9 +407,27 @@ mod tests {
 
     #[test]
     fn blob_roles() {
-        let a = [ra("Storage Blob Data Reader", "/storageAccounts/acct")];
-        assert!(blob_allowed(&a, "oid", "acct", "c", false));
-        assert!(!blob_allowed(&a, "oid", "acct", "c", true));
-        assert!(!blob_allowed(&a, "oid", "other", "c", false));
+        use BlobAccess::*;
+        let a = [
+            ra("Storage Blob Data Reader", "/storageAccounts/acct"),
+            ra(
+                "Storage Blob Data Contributor",
+                "/storageAccounts/acct/containers/backups",
+            ),
+        ];
+        assert!(blob_allowed(&a, "oid", "acct", Some("c"), Read));
+        assert!(blob_allowed(&a, "oid", "acct", None, Read));
+        assert!(!blob_allowed(&a, "oid", "acct", Some("c"), Write));
+        assert!(!blob_allowed(&a, "oid", "acct", Some("c"), Delete));
+        assert!(!blob_allowed(&a, "oid", "other", Some("c"), Read));
+        // The container-scoped Contributor writes and deletes in that container only, and
+        // cannot create or delete containers (the account's scope).
+        assert!(blob_allowed(&a, "oid", "acct", Some("backups"), Write));
+        assert!(blob_allowed(&a, "oid", "acct", Some("backups"), Delete));
+        assert!(!blob_allowed(&a, "oid", "acct", None, Write));
+        assert!(!blob_allowed(&a, "oid", "other", Some("backups"), Write));
+        assert!(!blob_allowed(&a, "someone-else", "acct", Some("c"), Read));
+        assert!(blob_grants("Storage Blob Data Owner", Delete));
+        assert!(!blob_grants("Key Vault Administrator", Read));
     }
 }

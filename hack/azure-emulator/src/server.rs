@@ -1,8 +1,10 @@
 //! The HTTPS server: one listener on 127.0.0.1 serving Entra ID, the fake Kubernetes issuers
 //! and (with `admin`) the control plane, plus one listener per vault and per Managed HSM (the
-//! port names which). Every request passes one middleware that names its route, applies
-//! injected faults, counts it by outcome, records data-plane requests (who, what, status), and
-//! logs one line (route, caller, status, latency; never a token or key).
+//! port names which), and with storage accounts configured, Azurite as a child process and one
+//! listener for the Blob gateway in front of it (`blob`). Every request passes one middleware
+//! that names its route, applies injected faults, counts it by outcome, records data-plane
+//! requests (who, what, status), and logs one line (route, caller, status, latency; never a
+//! token or key); the Blob gateway does the same in its own handler.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -21,12 +23,14 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::azurite::{Azurite, INSTALL_HINT};
+use crate::blob::Gateway;
 use crate::config::Config;
 use crate::crypto::SigningKey;
 use crate::faults::{Fault, FaultKind};
 use crate::records::{AuthInfo, Records, RequestRecord};
 use crate::state::State;
-use crate::{admin, entra, issuer, keyvault, tls};
+use crate::{admin, blob, entra, issuer, keyvault, tls};
 
 /// How the emulator is started.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +42,10 @@ pub struct Options {
     pub admin: bool,
     /// A CA to reuse: (certificate PEM, key PEM).
     pub ca: Option<(String, String)>,
+    /// Azurite's `azurite-blob` binary (`npm install -g azurite@3.37.0`), started when the
+    /// configuration has storage accounts. The binary itself, not a wrapper script: the
+    /// emulator kills the process it starts.
+    pub azurite: Option<PathBuf>,
 }
 
 pub struct Shared {
@@ -56,6 +64,8 @@ pub struct Shared {
     pub hsm_ports: BTreeMap<String, u16>,
     /// Data-plane request records (see `records`).
     pub records: Records,
+    /// The Blob gateway, when storage accounts are configured.
+    pub blob: Option<Gateway>,
 }
 
 /// The two data-plane services.
@@ -85,6 +95,16 @@ pub struct Endpoint {
 impl Shared {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one answer of `route` with `status`.
+    pub fn count(&self, route: &str, status: u16) {
+        if let Ok(mut c) = self.counters.lock() {
+            *c.entry(route.to_string())
+                .or_default()
+                .entry(status.to_string())
+                .or_default() += 1;
+        }
     }
 
     /// The vault whose port the Host header names.
@@ -139,7 +159,7 @@ impl Shared {
     }
 }
 
-/// A running emulator. Dropping it stops the server.
+/// A running emulator. Dropping it stops the server and kills Azurite (and waits for it).
 pub struct Emulator {
     pub addr: SocketAddr,
     /// `https://127.0.0.1:PORT`: the authority host, and the prefix of issuer and vault URLs.
@@ -148,6 +168,8 @@ pub struct Emulator {
     pub ca_key_pem: String,
     pub shared: Arc<Shared>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
+    // Dropped after `drop` has stopped the listeners.
+    azurite: Option<Azurite>,
 }
 
 impl Drop for Emulator {
@@ -173,11 +195,33 @@ impl Emulator {
         let ca = reqwest::Certificate::from_pem(tls.ca_cert_pem.as_bytes())
             .map_err(|e| e.to_string())?;
         let http = reqwest::Client::builder()
-            .tls_certs_only([ca])
+            .tls_certs_only([ca.clone()])
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| e.to_string())?;
         let state = State::new(&options.config, options.state_file)?;
+        let accounts = &options.config.storage_accounts;
+        let (mut azurite, mut blob_listener, mut blob) = (None, None, None);
+        if !accounts.is_empty() {
+            for a in accounts {
+                a.validate()?;
+            }
+            let binary = options.azurite.as_ref().ok_or_else(|| {
+                format!(
+                    "the configuration has storage accounts, which Azurite serves: name its azurite-blob binary (serve --azurite PATH, Options::azurite); install it with `{INSTALL_HINT}`"
+                )
+            })?;
+            let az = Azurite::start(binary, &tls, accounts, &http).await?;
+            let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .map_err(|e| format!("listen for the Blob gateway: {e}"))?;
+            let port = l.local_addr().map_err(|e| e.to_string())?.port();
+            let tenant = options.config.tenants.first().map(|t| t.id.clone());
+            let tenant = tenant.unwrap_or_default();
+            blob = Some(Gateway::new(port, &az, accounts, tenant, ca.clone())?);
+            azurite = Some(az);
+            blob_listener = Some(l);
+        }
         let mut vault_listeners = Vec::new();
         let mut vault_ports = BTreeMap::new();
         let mut hsm_ports = BTreeMap::new();
@@ -209,7 +253,16 @@ impl Emulator {
             vault_ports,
             hsm_ports,
             records: Records::default(),
+            blob,
         });
+        if let (Some(az), Some(gw)) = (&azurite, &shared.blob) {
+            let token = gw.azurite_token(&shared)?;
+            for a in accounts {
+                for c in &a.containers {
+                    az.create_container(&gw.http, &token, &a.name, c).await?;
+                }
+            }
+        }
         let app = router(Arc::clone(&shared));
         let acceptor = TlsAcceptor::from(Arc::clone(&tls.server_config));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -221,7 +274,14 @@ impl Emulator {
                 stop_rx.clone(),
             ));
         }
+        if let Some(l) = blob_listener {
+            let app = blob::router(Arc::clone(&shared));
+            tokio::spawn(serve(l, acceptor.clone(), app, stop_rx.clone()));
+        }
         tracing::info!(%base_url, "Azure emulator listening");
+        if let Some(gw) = &shared.blob {
+            tracing::info!(azurite = %gw.azurite_url, gateway_port = gw.port, "Azurite behind the Blob gateway");
+        }
         Ok(Emulator {
             addr,
             base_url,
@@ -229,7 +289,20 @@ impl Emulator {
             ca_key_pem: tls.ca_key_pem,
             shared,
             stop: Some(stop_tx),
+            azurite,
         })
+    }
+
+    /// Azurite's own URL (`https://127.0.0.1:PORT`), behind the gateway: it checks no
+    /// signature and no role, so only tests of the gateway itself should call it.
+    pub fn azurite_url(&self) -> Option<String> {
+        self.azurite.as_ref().map(|a| a.url.clone())
+    }
+
+    /// The Blob gateway's URL of storage account `account`, `https://127.0.0.1:PORT/{account}`
+    /// (path-style, as Azurite's): a container's URL is this plus `/{container}`.
+    pub fn blob_url(&self, account: &str) -> Option<String> {
+        self.shared.blob.as_ref()?.account_url(account)
     }
 
     /// The URL of vault `name`, as clients are configured with it (`https://127.0.0.1:PORT`).
@@ -496,25 +569,12 @@ async fn observe(AxState(shared): AxState<Arc<Shared>>, req: Request, next: Next
             code,
             description,
         }) => fault_response(&route, status, Some((&error, code, description.as_deref()))),
-        Some(FaultKind::Drop) => {
-            // Headers go out, then the body breaks off: the client sees the connection die.
-            let stream = BrokenBody(false);
-            Response::builder()
-                .status(StatusCode::OK)
-                .header("content-length", "1024")
-                .body(Body::from_stream(stream))
-                .unwrap_or_default()
-        }
+        Some(FaultKind::Drop) => dropped_connection(),
         None => next.run(req).await,
     };
     let status = response.status().as_u16();
-    if route != "admin"
-        && let Ok(mut c) = shared.counters.lock()
-    {
-        *c.entry(route.clone())
-            .or_default()
-            .entry(status.to_string())
-            .or_default() += 1;
+    if route != "admin" {
+        shared.count(&route, status);
     }
     if data_plane && let Some(e) = &endpoint {
         // Who called: the identity the handler accepted; for a faulted request (no handler
@@ -590,6 +650,16 @@ fn fault_response(route: &str, status: u16, entra: Option<(&str, u32, Option<&st
         axum::Json(serde_json::json!({"error": {"code": kv_code, "message": message}})),
     )
         .into_response()
+}
+
+/// An injected connection drop: headers go out, then the body breaks off, and the client sees
+/// the connection die.
+pub(crate) fn dropped_connection() -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-length", "1024")
+        .body(Body::from_stream(BrokenBody(false)))
+        .unwrap_or_default()
 }
 
 /// A body that fails at once: the response's connection breaks off.

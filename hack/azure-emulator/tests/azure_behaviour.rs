@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use sealvol_azure_emulator::crypto;
-use sealvol_azure_emulator::{Config, Options, RoleAssignment};
+use sealvol_azure_emulator::{BlobAccess, Config, Options, RoleAssignment};
 use serde_json::{Value, json};
 
 const HSM: &str = "https://managedhsm.azure.net";
@@ -867,10 +867,30 @@ async fn storage_blob_data_roles() {
         ..Options::default()
     })
     .await;
-    assert!(emu.blob_allowed(OTHER_OID, "devstoreaccount1", "backups", false));
-    assert!(!emu.blob_allowed(OTHER_OID, "devstoreaccount1", "backups", true));
-    assert!(!emu.blob_allowed(OTHER_OID, "devstoreaccount1", "other", false));
-    assert!(!emu.blob_allowed(APP_OID, "devstoreaccount1", "backups", false));
+    assert!(emu.blob_allowed(
+        OTHER_OID,
+        "devstoreaccount1",
+        Some("backups"),
+        BlobAccess::Read
+    ));
+    assert!(!emu.blob_allowed(
+        OTHER_OID,
+        "devstoreaccount1",
+        Some("backups"),
+        BlobAccess::Write
+    ));
+    assert!(!emu.blob_allowed(
+        OTHER_OID,
+        "devstoreaccount1",
+        Some("other"),
+        BlobAccess::Read
+    ));
+    assert!(!emu.blob_allowed(
+        APP_OID,
+        "devstoreaccount1",
+        Some("backups"),
+        BlobAccess::Read
+    ));
     // The control plane knows the storage roles and refuses a role at a foreign scope.
     let c = http(&emu);
     let post = |body: Value| {
@@ -879,7 +899,7 @@ async fn storage_blob_data_roles() {
             .send()
     };
     assert_eq!(post(json!({"principal": APP_OID, "role": "Storage Blob Data Owner", "scope": "/storageAccounts/devstoreaccount1"})).await.unwrap().status(), 204);
-    assert!(emu.blob_allowed(APP_OID, "devstoreaccount1", "any", true));
+    assert!(emu.blob_allowed(APP_OID, "devstoreaccount1", Some("any"), BlobAccess::Delete));
     assert_eq!(
         post(
             json!({"principal": APP_OID, "role": "Storage Blob Data Owner", "scope": "/vaults/kv"})
