@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// (64 MiB, 512 MiB, 2 GiB written), next to `cp --sparse=always` of its file.
     #[arg(long)]
     snapshots: bool,
+    /// With --snapshots: back each snapshot up to Blob storage (Azurite behind the emulator;
+    /// needs azurite-blob) and restore it on a second node.
+    #[arg(long, requires = "snapshots")]
+    backups: bool,
     /// Instead of lifecycles: fio on a plain and an encrypted volume of the same pool
     /// (sequential 1 MiB and random 4 KiB, read and write); needs fio.
     #[arg(long)]
@@ -516,6 +520,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.revocation {
         return revocation_figures(&exe, &args).await;
+    }
+    if args.backups {
+        return snapshots::run_backups(&exe, &args).await;
     }
     let scratch = ScratchNode::new(&exe, args.dir.as_deref())?;
     let (mut node, mut setup) = if args.key_mode == "none" {

@@ -542,6 +542,8 @@ pub mod azure {
         pub base_url: String,
         /// Vault name to URL, as the emulator printed them.
         pub vaults: Vec<(String, String)>,
+        /// Storage account name to its Blob URL (`https://127.0.0.1:PORT/ACCOUNT`).
+        pub blob_accounts: Vec<(String, String)>,
         pub ca_file: PathBuf,
         http: reqwest::Client,
     }
@@ -579,11 +581,20 @@ pub mod azure {
                     what: "emulator log".into(),
                     source: e,
                 })?;
-            let mut child = Command::new(&binary)
+            let accounts = config["storage_accounts"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0);
+            let mut command = Command::new(&binary);
+            command
                 .args(["serve", "--admin", "--config"])
                 .arg(&config_file)
                 .arg("--ca-out")
-                .arg(&ca_file)
+                .arg(&ca_file);
+            if accounts > 0 {
+                command.arg("--azurite").arg(azurite_binary()?);
+            }
+            let mut child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(log)
@@ -601,16 +612,24 @@ pub mod azure {
                 .next()
                 .and_then(Result::ok)
                 .ok_or_else(|| other("the emulator printed no address"))?;
-            let mut vaults = Vec::new();
-            let count = config["vaults"].as_array().map(Vec::len).unwrap_or(0);
-            for _ in 0..count {
+            // After the base URL: a line per vault, per Managed HSM, then per storage account.
+            let count = |key: &str| config[key].as_array().map(Vec::len).unwrap_or(0);
+            let (mut vaults, mut blob_accounts) = (Vec::new(), Vec::new());
+            for _ in 0..count("vaults") + count("hsms") + accounts {
                 let line = lines
                     .next()
                     .and_then(Result::ok)
-                    .ok_or_else(|| other("the emulator printed no vault"))?;
-                let mut parts = line.split_whitespace().skip(1);
-                if let (Some(name), Some(url)) = (parts.next(), parts.next()) {
-                    vaults.push((name.to_string(), url.to_string()));
+                    .ok_or_else(|| other("the emulator printed fewer lines than it serves"))?;
+                let mut parts = line.split_whitespace();
+                if let (Some(kind), Some(name), Some(url)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    let entry = (name.to_string(), url.to_string());
+                    match kind {
+                        "vault" => vaults.push(entry),
+                        "blob" => blob_accounts.push(entry),
+                        _ => {}
+                    }
                 }
             }
             let pem = std::fs::read(&ca_file).map_err(|e| HarnessError::Io {
@@ -626,9 +645,18 @@ pub mod azure {
                 child,
                 base_url,
                 vaults,
+                blob_accounts,
                 ca_file,
                 http,
             })
+        }
+
+        /// The Blob URL of storage account `name` (`https://127.0.0.1:PORT/ACCOUNT`).
+        pub fn blob_url(&self, name: &str) -> Option<&str> {
+            self.blob_accounts
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, u)| u.as_str())
         }
 
         pub fn vault_url(&self, name: &str) -> Option<&str> {
@@ -735,6 +763,19 @@ pub mod azure {
                 None => by_status.values().filter_map(|n| n.as_u64()).sum(),
             }
         }
+    }
+
+    /// Azurite's Blob service: `$AZURITE_BLOB`, else `azurite-blob` on the PATH.
+    fn azurite_binary() -> Result<PathBuf, HarnessError> {
+        if let Some(p) = std::env::var_os("AZURITE_BLOB") {
+            return Ok(PathBuf::from(p));
+        }
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("azurite-blob"))
+            .find(|p| p.exists())
+            .ok_or_else(|| other("azurite-blob is not installed (npm install -g azurite@3.37.0)"))
     }
 
     impl Drop for EmulatorProcess {

@@ -13,9 +13,12 @@ use common::*;
 
 use azure_core::credentials::TokenCredential;
 use azure_core::http::{ClientMethodOptions, ClientOptions, Transport, Url};
-use azure_identity::{ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions};
+use azure_identity::{
+    ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
+};
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 use common::azure::*;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::sync::Arc;
@@ -100,9 +103,16 @@ async fn volume_with(
     id
 }
 
-/// A client of the backup container acting as `client_id` (a reader, in these tests).
-fn container_as(azure: &Azure, client_id: &str, sa: &str) -> BlobContainerClient {
+/// A client of the backup container acting as `client_id`, with the ServiceAccount token
+/// `token` as its assertion.
+fn container_as(azure: &Azure, client_id: &str, token: String) -> BlobContainerClient {
+    /// A pod token; its Debug does not print it.
     struct Token(String);
+    impl std::fmt::Debug for Token {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Token(..)")
+        }
+    }
     #[async_trait::async_trait]
     impl ClientAssertion for Token {
         async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
@@ -110,7 +120,9 @@ fn container_as(azure: &Azure, client_id: &str, sa: &str) -> BlobContainerClient
         }
     }
     let http = reqwest::Client::builder()
-        .tls_certs_merge([reqwest::Certificate::from_pem(azure.emu.ca_cert_pem.as_bytes()).unwrap()])
+        .tls_certs_merge([
+            reqwest::Certificate::from_pem(azure.emu.ca_cert_pem.as_bytes()).unwrap(),
+        ])
         .no_gzip()
         .build()
         .unwrap();
@@ -125,7 +137,7 @@ fn container_as(azure: &Azure, client_id: &str, sa: &str) -> BlobContainerClient
     let credential: Arc<dyn TokenCredential> = ClientAssertionCredential::new(
         TENANT.into(),
         client_id.into(),
-        Token(azure.token(sa)),
+        Token(token),
         Some(ClientAssertionCredentialOptions {
             client_options: credential_options,
         }),
@@ -154,6 +166,29 @@ async fn blob(container: &BlobContainerClient, name: &str) -> Option<Vec<u8>> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The forms a key could take in a file: raw, hex, and base64 (standard and URL-safe) at each
+/// of the three alignments; 16 bytes of the key are enough to find it.
+fn key_forms(key: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let mut forms = vec![key[..16].to_vec()];
+    forms.push(
+        key[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .into_bytes(),
+    );
+    for skip in 0..3 {
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            // Characters past the first few depend only on the bytes from `skip` on.
+            let text = engine.encode(&key[skip..skip + 24]);
+            forms.push(text.as_bytes()[4..28].to_vec());
+        }
+    }
+    forms
 }
 
 fn sha(data: &[u8]) -> Vec<u8> {
@@ -205,7 +240,7 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
     );
 
     // What the container holds: ciphertext, the wrapped DEK, and a manifest.
-    let reader = container_as(&azure, READER, "reader");
+    let reader = container_as(&azure, READER, azure.token("reader"));
     let data = blob(&reader, &format!("{id}/data")).await.unwrap();
     let manifest: serde_json::Value =
         serde_json::from_slice(&blob(&reader, &format!("{id}/manifest.json")).await.unwrap())
@@ -221,12 +256,24 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
         for chunk in [&bytes[..4096], &bytes[bytes.len() - 4096..]] {
             assert!(!contains(&data, chunk), "plaintext of {name} in the backup");
         }
-        assert!(!contains(&data, name.as_bytes()), "the file name {name} in the backup");
+        assert!(
+            !contains(&data, name.as_bytes()),
+            "the file name {name} in the backup"
+        );
     }
-    assert!(!contains(&data, &dek[..32]), "the DEK in the backup");
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    for form in key_forms(&dek) {
+        assert!(!contains(&data, &form), "the DEK in the backup");
+        assert!(!contains(&manifest_bytes, &form), "the DEK in the manifest");
+    }
+    // The checks can see a key: the wrapped DEK's base64 is in the data (the header).
+    let wrapped = header(&node, &src)["kms"]["wrapped"]["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
-        !contains(&serde_json::to_vec(&manifest).unwrap(), &dek[..8]),
-        "the DEK in the manifest"
+        contains(&data, &wrapped.as_bytes()[..32]),
+        "no header in the backup"
     );
 
     // Another node (its own pool and state directory) restores it from Blob.
@@ -244,6 +291,28 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
         .unwrap();
     assert!(got.ready_to_use);
     assert_eq!(got.source_volume_id, src);
+    // ListSnapshots by id (what csi-snapshotter asks for a pre-provisioned content) too.
+    let listed = oc
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].snapshot.as_ref().unwrap().ready_to_use);
+    // A StorageClass with another key is refused, and nothing is left of the attempt.
+    let secret = azure.params("keyvault-secret");
+    let s = oc
+        .controller
+        .create_volume(restore_request("pvc-other-key", &id, &refs(&secret)))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(other.pool_files().is_empty(), "{:?}", other.pool_files());
     let p = params(&azure);
     let restored = oc
         .controller
@@ -254,6 +323,10 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
         .volume
         .unwrap()
         .volume_id;
+    let h = header(&other, &restored);
+    assert!(h["backup"].is_null(), "{h}");
+    assert_eq!(h["source"], id.as_str());
+    assert_eq!(h["lifecycle"], "persistent");
     oc.node
         .node_stage_volume(other.stage(&restored))
         .await
@@ -270,12 +343,13 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
         ))
         .await
         .unwrap_err();
+    // The volume names the app's identity, which trusts no token of the intruder's account.
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert!(
-        matches!(
-            refused.code(),
-            Code::PermissionDenied | Code::Unauthenticated
-        ),
-        "{refused:?}"
+        std::fs::read_dir(other.target_path("x", &restored))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "something is mounted for the intruder"
     );
     oc.node
         .node_publish_volume(publish_as(
@@ -308,6 +382,27 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
         .await
         .unwrap();
 
+    // A backup whose block does not match its manifest is refused, and leaves nothing.
+    let writer = container_as(&azure, DRIVER, azure.driver_token());
+    let mut tampered = manifest.clone();
+    let last = tampered["blocks"].as_array().unwrap().len() - 1;
+    tampered["blocks"][last] = json!("00".repeat(32));
+    writer
+        .blob_client(&format!("{id}/manifest.json"))
+        .upload(
+            azure_core::http::RequestContent::from(serde_json::to_vec(&tampered).unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
+    let s = oc
+        .controller
+        .create_volume(restore_request("pvc-tampered", &id, &refs(&p)))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DataLoss, "{s:?}");
+    assert!(other.pool_files().is_empty(), "{:?}", other.pool_files());
+
     // Deleting the snapshot deletes its backup and wipes the local copy.
     c.controller
         .delete_snapshot(csi::DeleteSnapshotRequest {
@@ -316,7 +411,11 @@ async fn a_backup_holds_only_ciphertext_and_restores_on_another_node_for_its_ide
         })
         .await
         .unwrap();
-    assert!(blob(&reader, &format!("{id}/manifest.json")).await.is_none());
+    assert!(
+        blob(&reader, &format!("{id}/manifest.json"))
+            .await
+            .is_none()
+    );
     assert!(blob(&reader, &format!("{id}/data")).await.is_none());
     assert!(node.pool_files().iter().all(|f| !f.contains(".snap")));
     let gone = oc
@@ -356,9 +455,11 @@ async fn a_driver_killed_during_the_upload_resumes_it_and_reports_nothing_half_d
     }
     drop(c);
     let id = sealvol_snapshot_id(&node);
-    let reader = container_as(&azure, READER, "reader");
+    let reader = container_as(&azure, READER, azure.token("reader"));
     assert!(
-        blob(&reader, &format!("{id}/manifest.json")).await.is_none(),
+        blob(&reader, &format!("{id}/manifest.json"))
+            .await
+            .is_none(),
         "a manifest for a half upload"
     );
     // Another node does not find a half backup.
@@ -379,13 +480,28 @@ async fn a_driver_killed_during_the_upload_resumes_it_and_reports_nothing_half_d
     let snap = until_ready(&mut c, req).await;
     assert_eq!(snap.snapshot_id, id);
     let staged_after = azure.emu.count("blob.put_block", Some(201));
-    let blocks = 24u64.div_ceil(4) + 1;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(&reader, &format!("{id}/manifest.json")).await.unwrap())
+            .unwrap();
+    let blocks = manifest["blocks"].as_array().unwrap().len() as u64;
+    assert!(staged_before >= 1, "nothing was staged before the kill");
+    // The resumed upload says how many blocks it found in the container.
+    let reused = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("snapshot backed up"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["blocks_already_there"].as_u64())
+        .next_back();
     assert!(
-        staged_before >= 1 && staged_after - staged_before < blocks,
-        "staged {staged_before} blocks before the kill and {} after, of about {blocks}",
-        staged_after - staged_before
+        reused.is_some_and(|n| n >= 1),
+        "no block of the first attempt was reused: {reused:?}"
     );
-    assert!(node.log().contains("blocks_already_there"), "{}", node.log());
+    assert_eq!(
+        staged_after - staged_before,
+        blocks - reused.unwrap_or_default(),
+        "blocks sent again after the restart"
+    );
 
     // And the backup is whole: it restores elsewhere to the same bytes.
     let p = params(&azure);
@@ -441,8 +557,8 @@ fn sealvol_snapshot_id(node: &ScratchNode) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
     let azure = Azure::start_with_blob().await;
-    let (node, mut c) = node_with_backup(&azure, &["--allowed-key-modes=none,keyvault-key"], &[])
-        .await;
+    let (node, mut c) =
+        node_with_backup(&azure, &["--allowed-key-modes=none,keyvault-key"], &[]).await;
     let files = [("data", pattern(5, 1 << 20))];
     let src = volume_with(&azure, &node, &mut c, "pvc-refused", &files).await;
 
@@ -454,9 +570,18 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert!(s.message().contains("backupURL") && s.message().contains(&azure.container_url()), "{}", s.message());
+    assert!(
+        s.message().contains("backupURL") && s.message().contains(&azure.container_url()),
+        "{}",
+        s.message()
+    );
     // Not a container URL at all.
-    for bad in ["http://127.0.0.1/a/b", "https://x/a/b?sig=1", "https://x/", "https://x/../etc"] {
+    for bad in [
+        "http://127.0.0.1/a/b",
+        "https://x/a/b?sig=1",
+        "https://x/",
+        "https://x/../etc",
+    ] {
         let s = c
             .controller
             .create_snapshot(backup_request("snap-x", &src, bad))
@@ -502,6 +627,18 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
     }
     assert!(saw_error, "the failing uploads were not reported");
 
+    // The same snapshot asked for without its backup, or to another container, is not it.
+    let s = c
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: src.clone(),
+            name: "snap-flaky".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+
     // The driver's identity without its Blob role: refused, never ready, and said why.
     let role = sealvol_azure_emulator::RoleAssignment {
         principal: DRIVER_OID.into(),
@@ -526,7 +663,17 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
         refusal.message()
     );
     azure.emu.assign_role(role);
-    let _ = until_ready(&mut c, req).await;
+    // The next call reports the last failure once more and starts the upload again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.controller.create_snapshot(req.clone()).await {
+            Ok(r) if r.get_ref().snapshot.as_ref().unwrap().ready_to_use => break,
+            Ok(_) => {}
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
+        }
+        assert!(Instant::now() < deadline, "never ready with the role back");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     for name in ["snap-flaky", "snap-norole"] {
         let id = c
@@ -553,6 +700,79 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
         })
         .await
         .unwrap();
+    teardown(&node, &mut c, &src, "a").await;
+    assert_clean(&node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_deleted_during_its_upload_leaves_no_backup_and_no_staged_block() {
+    let azure = Azure::start_with_blob().await;
+    // Each staged block waits a second, so the delete comes mid-upload.
+    let (node, mut c) = node_with_backup(
+        &azure,
+        &[],
+        &[("SEALVOL_PAUSE_AT", "backup.block_staged:1000")],
+    )
+    .await;
+    let files = [("data", pattern(4, 20 << 20))];
+    let src = volume_with(&azure, &node, &mut c, "pvc-del", &files).await;
+    let snap = c
+        .controller
+        .create_snapshot(backup_request("snap-del", &src, &azure.container_url()))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!snap.ready_to_use, "ready before its upload");
+    let id = snap.snapshot_id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while azure.emu.count("blob.put_block", Some(201)) == 0 {
+        assert!(Instant::now() < deadline, "no block was staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delete = csi::DeleteSnapshotRequest {
+        snapshot_id: id.clone(),
+        ..Default::default()
+    };
+    let first = c.controller.delete_snapshot(delete.clone()).await;
+    assert_eq!(
+        first.unwrap_err().code(),
+        Code::Aborted,
+        "the upload was not stopped"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.controller.delete_snapshot(delete.clone()).await {
+            Ok(_) => break,
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{s:?}"),
+        }
+        assert!(Instant::now() < deadline, "the upload never stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reader = container_as(&azure, READER, azure.token("reader"));
+    assert!(
+        blob(&reader, &format!("{id}/manifest.json"))
+            .await
+            .is_none()
+    );
+    // No committed blob, and no block left staged (they hold the wrapped DEK too).
+    let staged = reader
+        .blob_client(&format!("{id}/data"))
+        .block_blob_client()
+        .get_block_list(azure_storage_blob::models::BlockListType::All, None)
+        .await;
+    match staged {
+        Err(e) => assert_eq!(e.http_status().map(u16::from), Some(404), "{e}"),
+        Ok(r) => {
+            let list = r.into_model().unwrap();
+            let n = list.committed_blocks.unwrap_or_default().len()
+                + list.uncommitted_blocks.unwrap_or_default().len();
+            assert_eq!(n, 0, "blocks left in the container");
+        }
+    }
+    assert!(node.pool_files().iter().all(|f| !f.contains(".snap")));
     teardown(&node, &mut c, &src, "a").await;
     assert_clean(&node);
 }

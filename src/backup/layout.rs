@@ -17,6 +17,8 @@ pub(crate) const MANIFEST_FORMAT: u32 = 1;
 pub(crate) const MIN_BLOCK_BYTES: u64 = 4 << 20;
 /// Azure's limit on the blocks of one block blob.
 pub(crate) const MAX_BLOCKS: u64 = 50_000;
+/// The largest volume a manifest may describe (the largest capacity CreateVolume accepts).
+const MAX_SIZE_BYTES: u64 = 1 << 60;
 
 /// What a backup holds, uploaded last: its presence in the container is what makes the backup
 /// complete. Holds no key: the wrapped DEK is in the snapshot's header, inside the data.
@@ -45,8 +47,9 @@ impl Manifest {
         self.extents.iter().map(|(_, len)| len).sum()
     }
 
-    /// Checks what a reader relies on: the format, extents in order inside the file, and as
-    /// many blocks as the data needs.
+    /// Checks what a reader relies on before it uses a number from the wire: the format, a
+    /// bounded size, extents in order inside the file, the block size the writer picks for
+    /// that much data (which bounds the memory a block takes), and one digest per block.
     pub(crate) fn check(&self, snapshot_id: &str) -> Result<(), String> {
         if self.format != MANIFEST_FORMAT {
             return Err(format!(
@@ -60,6 +63,9 @@ impl Manifest {
                 self.snapshot_id
             ));
         }
+        if self.size_bytes == 0 || self.size_bytes > MAX_SIZE_BYTES {
+            return Err(format!("size {} is out of range", self.size_bytes));
+        }
         let mut end = 0u64;
         for &(offset, len) in &self.extents {
             let stop = offset.checked_add(len).ok_or("an extent overflows")?;
@@ -71,8 +77,13 @@ impl Manifest {
             }
             end = stop;
         }
-        if self.block_bytes == 0 || self.block_bytes > 4000 << 20 {
-            return Err(format!("block size {} is not usable", self.block_bytes));
+        if self.block_bytes != block_bytes_for(self.data_bytes()) {
+            return Err(format!(
+                "block size {} is not the one for {} bytes of data ({})",
+                self.block_bytes,
+                self.data_bytes(),
+                block_bytes_for(self.data_bytes())
+            ));
         }
         let want = self.data_bytes().div_ceil(self.block_bytes);
         if self.blocks.len() as u64 != want {
@@ -185,29 +196,43 @@ mod tests {
             prop_assert_eq!(covered, want);
         }
 
-        /// A manifest from the wire is checked before its numbers are used.
+        /// A manifest as the writer makes it passes; one number changed does not.
         #[test]
         fn manifests_are_checked(
-            extents in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..6),
-            file_bytes in any::<u64>(),
-            block_bytes in any::<u64>(),
-            blocks in 0usize..4,
+            lens in proptest::collection::vec((0u64..1 << 24, 1u64..1 << 24), 1..8),
+            tail in 0u64..1 << 20,
+            change in 0usize..5,
         ) {
-            let m = Manifest {
+            let mut extents = Vec::new();
+            let mut at = 0;
+            for (gap, len) in lens {
+                at += gap;
+                extents.push((at, len));
+                at += len;
+            }
+            let data: u64 = extents.iter().map(|e| e.1).sum();
+            let block_bytes = block_bytes_for(data);
+            let valid = Manifest {
                 format: MANIFEST_FORMAT,
                 snapshot_id: "ss-x".into(),
                 source_volume_id: String::new(),
                 created_unix: 0,
-                size_bytes: 0,
-                file_bytes,
+                size_bytes: at + tail + 1,
+                file_bytes: at + tail,
                 block_bytes,
                 extents,
-                blocks: vec![String::new(); blocks],
+                blocks: vec![String::new(); data.div_ceil(block_bytes) as usize],
             };
-            if m.check("ss-x").is_ok() {
-                prop_assert!(m.extents.iter().all(|&(o, l)| o + l <= m.file_bytes));
-                prop_assert!(m.block_bytes > 0);
+            prop_assert!(valid.check("ss-x").is_ok());
+            let mut bad = valid.clone();
+            match change {
+                0 => bad.block_bytes = 4000 << 20,
+                1 => bad.file_bytes = at - 1,
+                2 => bad.blocks.push(String::new()),
+                3 => bad.extents.push((0, 1)),
+                _ => bad.size_bytes = u64::MAX,
             }
+            prop_assert!(bad.check("ss-x").is_err(), "change {} passed", change);
         }
     }
 
@@ -220,9 +245,9 @@ mod tests {
             created_unix: 0,
             size_bytes: 10,
             file_bytes: 10,
-            block_bytes: 4,
+            block_bytes: MIN_BLOCK_BYTES,
             extents: vec![(0, 10)],
-            blocks: vec![String::new(); 3],
+            blocks: vec![String::new(); 1],
         };
         assert!(m.check("ss-a").is_ok());
         assert!(m.check("ss-b").is_err());
@@ -237,6 +262,14 @@ mod tests {
         assert!(
             Manifest {
                 blocks: vec![String::new(); 2],
+                ..m.clone()
+            }
+            .check("ss-a")
+            .is_err()
+        );
+        assert!(
+            Manifest {
+                block_bytes: 4000 << 20,
                 ..m
             }
             .check("ss-a")

@@ -27,8 +27,7 @@ use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::{ClientOptions, RequestContent, Url};
 use azure_identity::{
-    ClientAssertionCredentialOptions, WorkloadIdentityCredential,
-    WorkloadIdentityCredentialOptions,
+    ClientAssertionCredentialOptions, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
 use azure_storage_blob::models::{BlobClientDownloadOptions, BlockListType, BlockLookupList};
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions, BlockBlobClient};
@@ -58,6 +57,9 @@ pub(crate) enum BackupError {
     /// Stopped on request (the snapshot is being deleted).
     #[error("the upload was stopped")]
     Stopped,
+    /// The backup is gone (deleted while it was read).
+    #[error("{0}")]
+    Gone(String),
     #[error(transparent)]
     Local(#[from] sys::SysError),
 }
@@ -79,8 +81,10 @@ pub(crate) struct BackupStore {
     containers: Vec<(String, Arc<BlobContainerClient>)>,
 }
 
-/// A snapshot file to upload.
+/// A snapshot file to upload, open (so that the caller can tell afterwards whether the file at
+/// its path is still this one).
 pub(crate) struct SnapshotFile<'a> {
+    pub(crate) file: &'a File,
     pub(crate) path: &'a Path,
     pub(crate) id: &'a str,
     pub(crate) source_volume_id: &'a str,
@@ -99,12 +103,9 @@ pub(crate) struct Uploaded {
 
 /// Checks a `--backup-url` value and returns it without a trailing slash.
 pub(crate) fn normalize_url(raw: &str) -> Result<String, String> {
-    let url = Url::parse(raw.trim_end_matches('/'))
-        .map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
-    let segments: Vec<&str> = url
-        .path_segments()
-        .map(|s| s.collect())
-        .unwrap_or_default();
+    let url =
+        Url::parse(raw.trim_end_matches('/')).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+    let segments: Vec<&str> = url.path_segments().map(|s| s.collect()).unwrap_or_default();
     let ok = url.scheme() == "https"
         && url.host_str().is_some()
         && url.username().is_empty()
@@ -144,16 +145,14 @@ impl BackupStore {
         let client_id = config.client_id.clone().ok_or(
             "--backup-url needs the driver's own identity: --backup-client-id (or AZURE_CLIENT_ID)",
         )?;
-        let tenant_id = config
-            .tenant_id
-            .clone()
-            .ok_or("--backup-url needs --tenant-id (or AZURE_TENANT_ID) for the driver's identity")?;
+        let tenant_id = config.tenant_id.clone().ok_or(
+            "--backup-url needs --tenant-id (or AZURE_TENANT_ID) for the driver's identity",
+        )?;
         let mut credential_options = options.clone();
         let mut cloud = azure_core::cloud::CustomConfiguration::default();
         cloud.authority_host = authority_host.trim_end_matches('/').to_string();
-        credential_options.cloud = Some(Arc::new(azure_core::cloud::CloudConfiguration::from(
-            cloud,
-        )));
+        credential_options.cloud =
+            Some(Arc::new(azure_core::cloud::CloudConfiguration::from(cloud)));
         let credential: Arc<dyn TokenCredential> =
             WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
                 credential_options: ClientAssertionCredentialOptions {
@@ -210,22 +209,24 @@ impl BackupStore {
             })
     }
 
-    /// Uploads `snap` to the container at `url`, resuming an earlier attempt; stops between
-    /// blocks once `stop` is set. `staged` is called after each block the container took.
-    pub(crate) async fn upload(
+    /// Uploads `snap`'s data to the container at `url`, resuming an earlier attempt, commits
+    /// and verifies it, and returns the manifest to put with `put_manifest` (which makes the
+    /// backup complete). Stops between blocks once `stop` is set. `staged` is called after each
+    /// block the container took.
+    pub(crate) async fn upload_data(
         &self,
         url: &str,
         snap: &SnapshotFile<'_>,
         stop: &AtomicBool,
         staged: &(dyn Fn() + Sync),
-    ) -> Result<Uploaded, BackupError> {
+    ) -> Result<(Manifest, Uploaded), BackupError> {
         let container = self.container(url)?;
-        let file = File::open(snap.path).map_err(|e| sys::SysError::io("open", snap.path, e))?;
+        let file = snap.file;
         let file_bytes = file
             .metadata()
             .map_err(|e| sys::SysError::io("stat", snap.path, e))?
             .len();
-        let extents: Vec<(u64, u64)> = sys::written_extents(&file, snap.path)?
+        let extents: Vec<(u64, u64)> = sys::written_extents(file, snap.path)?
             .into_iter()
             .filter(|&(offset, _)| offset < file_bytes)
             .map(|(offset, len)| (offset, len.min(file_bytes - offset)))
@@ -245,9 +246,11 @@ impl BackupStore {
         let mut inflight: JoinSet<Result<(), BackupError>> = JoinSet::new();
         for index in 0..count {
             if stop.load(Ordering::Relaxed) {
+                // Blocks already sent land before the caller deletes what was staged.
+                while inflight.join_next().await.is_some() {}
                 return Err(BackupError::Stopped);
             }
-            let block = read_block(&file, snap.path, &extents, block_bytes, index)?;
+            let block = read_block(file, snap.path, &extents, block_bytes, index)?;
             let digest = layout::sha256(&block);
             let id = layout::block_id(index, &digest);
             digests.push(layout::hex(&digest));
@@ -300,18 +303,28 @@ impl BackupStore {
             extents,
             blocks: digests,
         };
-        let text = serde_json::to_vec(&manifest)
-            .map_err(|e| BackupError::Unavailable(format!("the manifest: {e}")))?;
-        container
-            .blob_client(&blob_name(snap.id, MANIFEST_BLOB))
-            .upload(RequestContent::from(text), None)
-            .await
-            .map_err(|e| classify(e, url, "writing the manifest to"))?;
-        Ok(Uploaded {
+        let uploaded = Uploaded {
             blocks: count as usize,
             reused,
             data_bytes,
-        })
+        };
+        Ok((manifest, uploaded))
+    }
+
+    /// Puts the manifest of an uploaded backup: from now on it is complete.
+    pub(crate) async fn put_manifest(
+        &self,
+        url: &str,
+        manifest: &Manifest,
+    ) -> Result<(), BackupError> {
+        let text = serde_json::to_vec(manifest)
+            .map_err(|e| BackupError::Unavailable(format!("the manifest: {e}")))?;
+        self.container(url)?
+            .blob_client(&blob_name(&manifest.snapshot_id, MANIFEST_BLOB))
+            .upload(RequestContent::from(text), None)
+            .await
+            .map_err(|e| classify(e, url, "writing the manifest to"))?;
+        Ok(())
     }
 
     /// The manifest of snapshot `id` in the container at `url`; None when there is none (no
@@ -331,10 +344,10 @@ impl BackupStore {
         if response
             .properties
             .content_length
-            .is_some_and(|n| n > MAX_MANIFEST_BYTES as u64)
+            .is_none_or(|n| n > MAX_MANIFEST_BYTES as u64)
         {
             return Err(BackupError::Corrupt(format!(
-                "the manifest of {id} in {url} is larger than {MAX_MANIFEST_BYTES} bytes"
+                "the manifest of {id} in {url} is larger than {MAX_MANIFEST_BYTES} bytes (or of no stated length)"
             )));
         }
         let bytes = response
@@ -343,7 +356,9 @@ impl BackupStore {
             .await
             .map_err(|e| classify(e, url, "reading a manifest in"))?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            BackupError::Corrupt(format!("the manifest of {id} in {url} is not readable: {e}"))
+            BackupError::Corrupt(format!(
+                "the manifest of {id} in {url} is not readable: {e}"
+            ))
         })?;
         manifest.check(id).map_err(|e| {
             BackupError::Corrupt(format!("the manifest of {id} in {url} is not usable: {e}"))
@@ -351,24 +366,31 @@ impl BackupStore {
         Ok(Some(manifest))
     }
 
-    /// The first configured container holding a complete backup of `id`, and its manifest.
+    /// The first configured container holding a complete backup of `id`, and its manifest. A
+    /// container that fails does not hide the others; its error is returned when none has it.
     pub(crate) async fn find(&self, id: &str) -> Result<Option<(String, Manifest)>, BackupError> {
+        let mut failed = None;
         for (url, _) in &self.containers {
-            if let Some(m) = self.manifest(url, id).await? {
-                return Ok(Some((url.clone(), m)));
+            match self.manifest(url, id).await {
+                Ok(Some(m)) => return Ok(Some((url.clone(), m))),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok(None)
+        failed.map_or(Ok(None), Err)
     }
 
-    /// Writes the backup at `url` described by `manifest` into `to` (at least
-    /// `manifest.file_bytes` long), checking every block against its digest.
+    /// Writes `blocks` of the backup at `url` described by `manifest` into `to` (at least
+    /// `manifest.file_bytes` long), checking each against its digest.
     pub(crate) async fn download(
         &self,
         url: &str,
         manifest: &Manifest,
         to: &File,
         to_path: &Path,
+        blocks: std::ops::Range<u64>,
     ) -> Result<(), BackupError> {
         let container = self.container(url)?;
         let blob = Arc::new(container.blob_client(&blob_name(&manifest.snapshot_id, DATA_BLOB)));
@@ -392,7 +414,7 @@ impl BackupStore {
             }
             Ok(())
         };
-        for index in 0..manifest.blocks.len() as u64 {
+        for index in blocks.start..blocks.end.min(manifest.blocks.len() as u64) {
             while inflight.len() >= IN_FLIGHT {
                 let (i, block) = join_one(&mut inflight).await?;
                 write(i, block)?;
@@ -431,14 +453,46 @@ impl BackupStore {
     }
 
     /// Deletes the backup of `id` at `url`: the manifest first, so a half-deleted backup is
-    /// never taken for a complete one. Blobs already gone are fine. Blocks an unfinished upload
-    /// staged and never committed are not a blob; Azure discards them after a week.
+    /// never taken for a complete one, then the data, with the blocks an unfinished upload
+    /// staged (they hold ciphertext and the wrapped DEK too): committing an empty block list
+    /// discards them. What is already gone, or a container that does not exist, is fine.
     pub(crate) async fn delete(&self, url: &str, id: &str) -> Result<(), BackupError> {
         let container = self.container(url)?;
+        let gone = |e: &azure_core::Error| {
+            matches!(
+                storage_code(e).as_deref(),
+                Some("BlobNotFound" | "ContainerNotFound")
+            )
+        };
         for name in [MANIFEST_BLOB, DATA_BLOB] {
-            match container.blob_client(&blob_name(id, name)).delete(None).await {
+            let blob = container.blob_client(&blob_name(id, name));
+            let blocks = blob.block_blob_client();
+            match blocks
+                .get_block_list(BlockListType::Uncommitted, None)
+                .await
+            {
+                Ok(r) => {
+                    let staged = r
+                        .into_model()
+                        .map_err(|e| classify(e, url, "listing the blocks in"))?
+                        .uncommitted_blocks
+                        .is_some_and(|b| !b.is_empty());
+                    if staged {
+                        let empty = BlockLookupList::default().try_into().map_err(|e| {
+                            BackupError::Unavailable(format!("the block list: {e}"))
+                        })?;
+                        blocks
+                            .commit_block_list(empty, None)
+                            .await
+                            .map_err(|e| classify(e, url, "discarding staged blocks in"))?;
+                    }
+                }
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(classify(e, url, "listing the blocks in")),
+            }
+            match blob.delete(None).await {
                 Ok(_) => {}
-                Err(e) if storage_code(&e).as_deref() == Some("BlobNotFound") => {}
+                Err(e) if gone(&e) => {}
                 Err(e) => return Err(classify(e, url, "deleting a backup in")),
             }
         }
@@ -462,20 +516,22 @@ async fn staged_blocks(
             .map_err(|e| classify(e, url, "listing the blocks in"))?,
         Err(e) if storage_code(&e).as_deref() == Some("BlobNotFound") => return Ok(HashSet::new()),
         Err(e) => {
-            return Err(classify(
-                e,
-                url,
-                &format!("listing the blocks of {id} in"),
-            ));
+            return Err(classify(e, url, &format!("listing the blocks of {id} in")));
         }
     };
-    Ok(list
-        .committed_blocks
+    Ok(named_blocks(list.committed_blocks)
         .into_iter()
-        .chain(list.uncommitted_blocks)
-        .flatten()
-        .filter_map(|b| Some((b.name?, u64::try_from(b.size?).ok()?)))
+        .chain(named_blocks(list.uncommitted_blocks))
         .collect())
+}
+
+/// (id, size) of each block in a block list.
+fn named_blocks(blocks: Option<Vec<azure_storage_blob::models::Block>>) -> Vec<(Vec<u8>, u64)> {
+    blocks
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| Some((b.name?, u64::try_from(b.size?).ok()?)))
+        .collect()
 }
 
 /// Checks that the committed blob is exactly the blocks `ids` (each id names its content's
@@ -494,12 +550,7 @@ async fn verify_committed(
         .map_err(|e| classify(e, url, "reading back the blocks in"))?
         .into_model()
         .map_err(|e| classify(e, url, "reading back the blocks in"))?;
-    let committed: Vec<(Vec<u8>, u64)> = list
-        .committed_blocks
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|b| Some((b.name?, u64::try_from(b.size?).ok()?)))
-        .collect();
+    let committed = named_blocks(list.committed_blocks);
     let expected: Vec<(Vec<u8>, u64)> = ids
         .iter()
         .enumerate()
@@ -544,7 +595,9 @@ async fn join_one<T: 'static>(set: &mut JoinSet<Result<T, BackupError>>) -> Resu
         Some(Err(e)) => Err(BackupError::Unavailable(format!(
             "a block transfer failed: {e}"
         ))),
-        None => Err(BackupError::Unavailable("no block transfer to wait for".into())),
+        None => Err(BackupError::Unavailable(
+            "no block transfer to wait for".into(),
+        )),
     }
 }
 
@@ -582,9 +635,70 @@ fn classify(e: azure_core::Error, url: &str, doing: &str) -> BackupError {
         (Some(404), "ContainerNotFound") => BackupError::Refused(format!(
             "the container {url} does not exist ({doing} it); create it"
         )),
+        (Some(404), "BlobNotFound") => {
+            BackupError::Gone(format!("{doing} {url}: the backup is gone ({code})"))
+        }
         _ => BackupError::Unavailable(format!(
             "{doing} {url}: {}",
             crate::error_text::with_causes(&e)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn container_urls_are_checked() {
+        for ok in [
+            "https://acct.blob.core.windows.net/backups",
+            "https://acct.blob.core.windows.net/backups/",
+            "https://127.0.0.1:10000/devstoreaccount1/backups",
+        ] {
+            assert_eq!(
+                normalize_url(ok).as_deref(),
+                Ok(ok.trim_end_matches('/')),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "http://acct.blob.core.windows.net/backups",
+            "https://acct.blob.core.windows.net/backups?sv=2024&sig=x",
+            "https://acct.blob.core.windows.net/backups#x",
+            "https://user:pw@acct.blob.core.windows.net/backups",
+            "https://acct.blob.core.windows.net/",
+            "https://acct.blob.core.windows.net/a/b/c",
+            "https://acct.blob.core.windows.net/Backups",
+            "https://acct.blob.core.windows.net/back%2Fups",
+            "https://acct.blob.core.windows.net/backups/..",
+            "backups",
+        ] {
+            assert!(normalize_url(bad).is_err(), "{bad}");
+        }
+        // `..` is resolved by URL parsing first: it can only name another container, which
+        // the allow-list then refuses.
+        assert_eq!(
+            normalize_url("https://acct.blob.core.windows.net/x/../backups").as_deref(),
+            Ok("https://acct.blob.core.windows.net/backups")
+        );
+    }
+
+    proptest! {
+        /// Whatever the text, a URL that passes is https, without query, fragment or user,
+        /// and names one or two plain path segments.
+        #[test]
+        fn an_accepted_url_is_a_plain_container_url(raw in "\\PC{0,80}") {
+            if let Ok(url) = normalize_url(&raw) {
+                let parsed = Url::parse(&url).unwrap();
+                prop_assert_eq!(parsed.scheme(), "https");
+                prop_assert!(parsed.query().is_none() && parsed.fragment().is_none());
+                prop_assert!(parsed.username().is_empty());
+                let segments: Vec<&str> = parsed.path_segments().unwrap().collect();
+                prop_assert!(matches!(segments.len(), 1 | 2));
+                prop_assert!(segments.iter().all(|s| valid_segment(s)));
+            }
+        }
     }
 }

@@ -74,8 +74,9 @@ pub(super) fn content_source(
     }
 }
 
-/// CreateSnapshot's parameters: only the ones external-snapshotter adds
-/// (`csi.storage.k8s.io/...`), which say nothing sealvol needs.
+/// The VolumeSnapshotClass parameter naming the Blob container a snapshot is backed up to.
+const BACKUP_URL: &str = "backupURL";
+
 /// The VolumeSnapshotClass parameters: `backupURL` (a backup container) or nothing; the
 /// sidecar's own `csi.storage.k8s.io/` keys are ignored.
 pub(super) fn snapshot_parameters(
@@ -95,9 +96,6 @@ pub(super) fn snapshot_parameters(
         None => Ok(params.get(BACKUP_URL).cloned()),
     }
 }
-
-/// The VolumeSnapshotClass parameter naming the Blob container a snapshot is backed up to.
-const BACKUP_URL: &str = "backupURL";
 
 pub(super) fn capacity_range(range: Option<&csi::CapacityRange>) -> CapacityRange {
     range

@@ -58,6 +58,7 @@ impl From<BackupError> for VolumeError {
             BackupError::Refused(m) => VolumeError::FailedPrecondition(m),
             BackupError::Unavailable(m) => VolumeError::Unavailable(m),
             BackupError::Corrupt(m) => VolumeError::Corrupt(m),
+            BackupError::Gone(m) => VolumeError::NotFound(m),
             BackupError::Stopped => VolumeError::Aborted("the backup upload was stopped".into()),
             BackupError::Local(e) => VolumeError::Sys(e),
         }
@@ -173,7 +174,11 @@ impl Manager {
         started
     }
 
-    /// Uploads snapshot `id`'s backup and records it complete.
+    /// Uploads snapshot `id`'s backup and records it complete. The data goes up without the
+    /// snapshot's lock; the manifest (which makes the backup complete) and the mark in the
+    /// header go under it, and only if the file at the snapshot's path is still the one
+    /// uploaded and no delete asked the upload to stop: a snapshot deleted or taken again
+    /// meanwhile never gets a complete backup of another file.
     fn upload(&self, id: &VolumeId, stop: &AtomicBool) -> Result<(), VolumeError> {
         let Some(snap) = self.load_snapshot(id)? else {
             return Ok(());
@@ -186,22 +191,47 @@ impl Manager {
             backup.url
         ))?;
         let started = Instant::now();
-        let file = SnapshotFile {
-            path: &snap.file.path,
+        let path = &snap.file.path;
+        let file = std::fs::File::open(path).map_err(io_err("open", path))?;
+        let uploading = file_identity(&file).map_err(io_err("stat", path))?;
+        let source = SnapshotFile {
+            file: &file,
+            path,
             id: id.as_str(),
             source_volume_id: snap.record.source.as_deref().unwrap_or_default(),
             created_unix: snap.record.created_unix,
             size_bytes: snap.record.capacity_bytes,
         };
         let staged = || crash::point("backup.block_staged");
-        let done = self
-            .release
-            .runtime
-            .block_on(store.upload(&backup.url, &file, stop, &staged))?;
-        crash::point("backup.before_mark");
-        // Its header says so: from now on it is ready to use.
+        let (manifest, done) = self.release.runtime.block_on(store.upload_data(
+            &backup.url,
+            &source,
+            stop,
+            &staged,
+        ))?;
         let _guard = self.lock_waiting(id)?;
-        let Some(mut snap) = self.load_snapshot(id)? else {
+        let current = self.load_snapshot(id)?;
+        let same = current.as_ref().is_some_and(|s| {
+            std::fs::File::open(&s.file.path)
+                .and_then(|f| file_identity(&f))
+                .is_ok_and(|now| now == uploading)
+        });
+        if stop.load(Ordering::Relaxed) || !same {
+            if current.is_none() {
+                // Deleted during the upload: what it committed goes too.
+                self.release
+                    .runtime
+                    .block_on(store.delete(&backup.url, id.as_str()))?;
+            }
+            return Err(VolumeError::Aborted(format!(
+                "snapshot {id} was deleted or taken again during its upload"
+            )));
+        }
+        self.release
+            .runtime
+            .block_on(store.put_manifest(&backup.url, &manifest))?;
+        crash::point("backup.before_mark");
+        let Some(mut snap) = current else {
             return Ok(());
         };
         if let Some(b) = snap.record.backup.as_mut() {
@@ -255,7 +285,9 @@ impl Manager {
         let store = self.backup_store(&format!(
             "snapshot {id} has a backup in {url} that must go with it (add that container to --backup-url again, or delete its blobs {id}/ by hand and the snapshot file)"
         ))?;
-        self.release.runtime.block_on(store.delete(url, id.as_str()))?;
+        self.release
+            .runtime
+            .block_on(store.delete(url, id.as_str()))?;
         tracing::info!(snapshot.id = %id, url, "snapshot backup deleted");
         Ok(())
     }
@@ -267,12 +299,14 @@ impl Manager {
             return Ok(());
         };
         for url in store.urls() {
-            self.release.runtime.block_on(store.delete(&url, id.as_str()))?;
+            self.release
+                .runtime
+                .block_on(store.delete(&url, id.as_str()))?;
         }
         Ok(())
     }
 
-    /// The backup of snapshot `id` in one of this node's containers, as a snapshot summary.
+    /// The container holding a complete backup of snapshot `id`, and its manifest.
     pub(super) fn find_backup(
         &self,
         id: &VolumeId,
@@ -336,22 +370,34 @@ impl Manager {
             (disk.clone(), tmp, guard, file)
         };
         let started = Instant::now();
+        // The first block holds the header (the file starts with it): checked before the rest
+        // is fetched, so a StorageClass with another key costs one block, not the backup.
+        let blocks = manifest.blocks.len() as u64;
         self.release
             .runtime
-            .block_on(store.download(url, manifest, &file, &tmp))?;
+            .block_on(store.download(url, manifest, &file, &tmp, 0..1))?;
         let (source, _) = header::read(&mut &file).map_err(|e| {
             VolumeError::Corrupt(format!(
                 "the backup of {snapshot} in {url} holds no readable header: {e}"
             ))
         })?;
-        if source.volume_id != snapshot.as_str() || source.lifecycle != Lifecycle::Snapshot {
+        if source.volume_id != snapshot.as_str()
+            || source.lifecycle != Lifecycle::Snapshot
+            || source.capacity_bytes != manifest.size_bytes
+            || source.key_mode == KeyMode::None
+        {
             return Err(VolumeError::Corrupt(format!(
-                "the backup of {snapshot} in {url} carries the header of {}",
-                source.volume_id
+                "the backup of {snapshot} in {url} carries a header that does not match its manifest (of {}, {} bytes, keyMode {})",
+                source.volume_id,
+                source.capacity_bytes,
+                source.key_mode.as_str()
             )));
         }
-        drop(file);
         self.check_same_key(req, &source, snapshot, "volume_content_source.snapshot")?;
+        self.release
+            .runtime
+            .block_on(store.download(url, manifest, &file, &tmp, 1..blocks))?;
+        drop(file);
         tracing::info!(volume.id = %id, snapshot.id = %snapshot, url, bytes = manifest.data_bytes(), seconds = started.elapsed().as_secs_f64(), "backup downloaded");
         self.finish_restore(
             req, id, snapshot, &source, &tmp, &disk, &pool.name, capacity, guard,
@@ -368,4 +414,12 @@ impl Manager {
             ready_to_use: true,
         }
     }
+}
+
+/// A file's identity (device, inode): while the file is open its inode cannot be reused, so an
+/// equal identity at the same path is the same file.
+fn file_identity(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
 }
