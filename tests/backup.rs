@@ -47,18 +47,28 @@ fn backup_request(name: &str, source: &str, url: &str) -> csi::CreateSnapshotReq
     }
 }
 
+/// CreateSnapshot once; ABORTED (the snapshot is busy for a moment, e.g. while its upload
+/// records itself complete) is asked again, as csi-snapshotter does.
+async fn create_snapshot(
+    c: &mut CsiClient,
+    req: &csi::CreateSnapshotRequest,
+) -> Result<csi::Snapshot, tonic::Status> {
+    loop {
+        match c.controller.create_snapshot(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner().snapshot.unwrap()),
+            Err(s) if s.code() == Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
 /// CreateSnapshot repeated, as csi-snapshotter does, until the snapshot is ready.
 async fn until_ready(c: &mut CsiClient, req: csi::CreateSnapshotRequest) -> csi::Snapshot {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let snap = c
-            .controller
-            .create_snapshot(req.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+        let snap = create_snapshot(c, &req).await.unwrap();
         if snap.ready_to_use {
             return snap;
         }
@@ -614,8 +624,8 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
     let mut saw_error = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match c.controller.create_snapshot(req.clone()).await {
-            Ok(r) if r.get_ref().snapshot.as_ref().unwrap().ready_to_use => break,
+        match create_snapshot(&mut c, &req).await {
+            Ok(snap) if snap.ready_to_use => break,
             Ok(_) => {}
             Err(s) => {
                 assert_eq!(s.code(), Code::Unavailable, "{s:?}");
@@ -649,8 +659,8 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
     let req = backup_request("snap-norole", &src, &azure.container_url());
     let deadline = Instant::now() + Duration::from_secs(60);
     let refusal = loop {
-        match c.controller.create_snapshot(req.clone()).await {
-            Ok(r) => assert!(!r.get_ref().snapshot.as_ref().unwrap().ready_to_use),
+        match create_snapshot(&mut c, &req).await {
+            Ok(snap) => assert!(!snap.ready_to_use),
             Err(s) => break s,
         }
         assert!(Instant::now() < deadline, "no refusal reported");
@@ -666,8 +676,8 @@ async fn backups_that_cannot_be_made_are_refused_with_what_to_do() {
     // The next call reports the last failure once more and starts the upload again.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match c.controller.create_snapshot(req.clone()).await {
-            Ok(r) if r.get_ref().snapshot.as_ref().unwrap().ready_to_use => break,
+        match create_snapshot(&mut c, &req).await {
+            Ok(snap) if snap.ready_to_use => break,
             Ok(_) => {}
             Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
         }
