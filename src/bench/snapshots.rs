@@ -105,15 +105,7 @@ pub(super) async fn run(
             .context("CreateSnapshot returned no snapshot")?;
         let snapshot_time = start.elapsed();
 
-        let mut restore_req =
-            requests::create(&format!("restored-{name}"), written + 256 * MIB, &params);
-        restore_req.volume_content_source = Some(csi::VolumeContentSource {
-            r#type: Some(csi::volume_content_source::Type::Snapshot(
-                csi::volume_content_source::SnapshotSource {
-                    snapshot_id: snapshot.snapshot_id.clone(),
-                },
-            )),
-        });
+        let restore_req = restore_request(&name, written + 256 * MIB, &params, &snapshot);
         cold_cache()?;
         let start = Instant::now();
         let restored = client
@@ -307,14 +299,7 @@ pub(super) async fn run_backups(exe: &std::path::Path, args: &BenchArgs) -> anyh
         };
         let backup_time = start.elapsed();
 
-        let mut restore_req = requests::create(&format!("restored-{name}"), size, &param_refs);
-        restore_req.volume_content_source = Some(csi::VolumeContentSource {
-            r#type: Some(csi::volume_content_source::Type::Snapshot(
-                csi::volume_content_source::SnapshotSource {
-                    snapshot_id: snapshot.snapshot_id.clone(),
-                },
-            )),
-        });
+        let restore_req = restore_request(&name, size, &param_refs, &snapshot);
         cold_cache()?;
         let start = Instant::now();
         let restored = b_client
@@ -385,6 +370,24 @@ pub(super) async fn run_backups(exe: &std::path::Path, args: &BenchArgs) -> anyh
     });
     println!("{json}");
     Ok(())
+}
+
+/// CreateVolume `restored-{name}` of `bytes` from `snapshot`.
+fn restore_request(
+    name: &str,
+    bytes: i64,
+    params: &[(&str, &str)],
+    snapshot: &csi::Snapshot,
+) -> csi::CreateVolumeRequest {
+    let mut req = requests::create(&format!("restored-{name}"), bytes, params);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.snapshot_id.clone(),
+            },
+        )),
+    });
+    req
 }
 
 /// `cp --sparse=always` of volume `id`'s file on `node`'s pool, synced, from a cold cache.

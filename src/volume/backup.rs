@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::create::{CreateRequest, VolumeSummary};
 use super::header::{self, HEADER_BYTES, VolumeRecord};
 use super::id::VolumeId;
-use super::params::{KeyMode, Lifecycle, MIN_CAPACITY};
+use super::params::{KeyMode, Lifecycle};
 use super::snapshot::{SnapshotSummary, Temporary};
 use super::{Manager, VolumeError, crash, invalid, io_err};
 use crate::backup::{BackupError, BackupStore, Manifest, SnapshotFile};
@@ -329,17 +329,7 @@ impl Manager {
     ) -> Result<VolumeSummary, VolumeError> {
         let store = self.backup_store("restoring a backup")?;
         let pool = self.pools.get(req.params.pool.as_deref())?;
-        let capacity = req
-            .capacity
-            .resolve()?
-            .max(manifest.size_bytes)
-            .max(MIN_CAPACITY);
-        if !req.capacity.admits(capacity) {
-            return Err(VolumeError::OutOfRange(format!(
-                "{snapshot} holds {} bytes; capacity_range allows no volume that large",
-                manifest.size_bytes
-            )));
-        }
+        let capacity = super::snapshot::restore_capacity(req, manifest.size_bytes, snapshot)?;
         if manifest.file_bytes > HEADER_BYTES + capacity {
             return Err(VolumeError::Corrupt(format!(
                 "the backup of {snapshot} in {url} is a {}-byte file for a {}-byte volume",

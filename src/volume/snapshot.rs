@@ -377,17 +377,7 @@ impl Manager {
                 ),
             ));
         }
-        let capacity = req
-            .capacity
-            .resolve()?
-            .max(r.capacity_bytes)
-            .max(MIN_CAPACITY);
-        if !req.capacity.admits(capacity) {
-            return Err(VolumeError::OutOfRange(format!(
-                "{source_id} holds {} bytes; capacity_range allows no volume that large",
-                r.capacity_bytes
-            )));
-        }
+        let capacity = restore_capacity(req, r.capacity_bytes, source_id)?;
         let disk = source.file.disk();
         let tmp = disk.creating_path(id.as_str());
         let guard = Temporary::new(&tmp);
@@ -494,6 +484,22 @@ impl Manager {
         tracing::info!(volume.id = %id, source = %source_id, capacity, "volume made from {}", if r.lifecycle == Lifecycle::Snapshot { "a snapshot" } else { "a clone" });
         Ok(summary(id, &record))
     }
+}
+
+/// The capacity of a volume made from a source of `source_bytes`: what the request asks, at
+/// least the source's (OUT_OF_RANGE when the request's limit is smaller).
+pub(super) fn restore_capacity(
+    req: &CreateRequest,
+    source_bytes: u64,
+    source_id: &VolumeId,
+) -> Result<u64, VolumeError> {
+    let capacity = req.capacity.resolve()?.max(source_bytes).max(MIN_CAPACITY);
+    if !req.capacity.admits(capacity) {
+        return Err(VolumeError::OutOfRange(format!(
+            "{source_id} holds {source_bytes} bytes; capacity_range allows no volume that large"
+        )));
+    }
+    Ok(capacity)
 }
 
 /// Whether a copy of `source` (into a volume provisioned `target`, or a snapshot) may share
