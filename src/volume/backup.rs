@@ -36,9 +36,24 @@ pub(crate) struct BackupRecord {
     pub(crate) uploaded: bool,
 }
 
-/// The uploads of this process, by snapshot: running, or the error that stopped the last one.
-#[derive(Default)]
-pub(crate) struct Uploads(Mutex<HashMap<VolumeId, Upload>>);
+/// The uploads of this process, by snapshot: running (or waiting for a turn), or the error that
+/// stopped the last one; and the turns: at most `UPLOADS_AT_ONCE` transfer at a time, each
+/// holding a few blocks in memory (a restart may find many pending).
+pub(crate) struct Uploads {
+    by_snapshot: Mutex<HashMap<VolumeId, Upload>>,
+    turns: Arc<tokio::sync::Semaphore>,
+}
+
+const UPLOADS_AT_ONCE: usize = 2;
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Uploads {
+            by_snapshot: Mutex::default(),
+            turns: Arc::new(tokio::sync::Semaphore::new(UPLOADS_AT_ONCE)),
+        }
+    }
+}
 
 struct Upload {
     stop: Arc<AtomicBool>,
@@ -48,7 +63,20 @@ struct Upload {
 
 impl Uploads {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Upload>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.by_snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a turn to transfer; None when `stop` is set meanwhile.
+    fn turn(&self, stop: &AtomicBool) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if let Ok(permit) = Arc::clone(&self.turns).try_acquire_owned() {
+                return Some(permit);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -131,7 +159,18 @@ impl Manager {
         let manager = Arc::clone(self);
         let snapshot = id.clone();
         self.release.runtime.spawn_blocking(move || {
-            let result = manager.upload(&snapshot, &stop);
+            let result = match manager.uploads.turn(&stop) {
+                // A panic must not leave the entry running for good (deletes would wait on it).
+                Some(_turn) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    manager.upload(&snapshot, &stop)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(VolumeError::Internal(
+                        "the backup upload panicked (see the log)".into(),
+                    ))
+                }),
+                None => Err(VolumeError::Aborted("stopped before its turn".into())),
+            };
             let mut uploads = manager.uploads.lock();
             match result {
                 Ok(()) | Err(VolumeError::Aborted(_)) => {
@@ -412,4 +451,23 @@ fn file_identity(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
     Ok((meta.dev(), meta.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_take_turns_and_a_stop_ends_the_wait() {
+        let uploads = Uploads::default();
+        let go = AtomicBool::new(false);
+        let held: Vec<_> = (0..UPLOADS_AT_ONCE)
+            .map(|_| uploads.turn(&go).expect("a free turn"))
+            .collect();
+        assert!(Arc::clone(&uploads.turns).try_acquire_owned().is_err());
+        let stopped = AtomicBool::new(true);
+        assert!(uploads.turn(&stopped).is_none());
+        drop(held);
+        assert!(uploads.turn(&go).is_some());
+    }
 }
