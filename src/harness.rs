@@ -765,8 +765,9 @@ pub mod azure {
         }
     }
 
-    /// Azurite's Blob service: `$AZURITE_BLOB`, else `azurite-blob` on the PATH.
-    fn azurite_binary() -> Result<PathBuf, HarnessError> {
+    /// Azurite's Blob service (for the emulator's `--azurite`): `$AZURITE_BLOB`, else
+    /// `azurite-blob` on the PATH.
+    pub fn azurite_binary() -> Result<PathBuf, HarnessError> {
         if let Some(p) = std::env::var_os("AZURITE_BLOB") {
             return Ok(PathBuf::from(p));
         }

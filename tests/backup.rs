@@ -24,12 +24,6 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[1] ^ seed)
-        .collect()
-}
-
 fn params(azure: &Azure) -> Vec<(String, String)> {
     azure.params("keyvault-key")
 }
@@ -172,10 +166,6 @@ async fn blob(container: &BlobContainerClient, name: &str) -> Option<Vec<u8>> {
         Err(e) if e.http_status().map(u16::from) == Some(404) => None,
         Err(e) => panic!("reading {name}: {e}"),
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The forms a key could take in a file: raw, hex, and base64 (standard and URL-safe) at each

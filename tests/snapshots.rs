@@ -16,12 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[1] ^ seed)
-        .collect()
-}
-
 fn snapshot_request(name: &str, source: &str) -> csi::CreateSnapshotRequest {
     csi::CreateSnapshotRequest {
         source_volume_id: source.into(),

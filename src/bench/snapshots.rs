@@ -77,18 +77,16 @@ pub(super) async fn run(
     let mut rows = Vec::new();
     for (i, written) in WRITTEN.into_iter().enumerate() {
         let (name, pod) = (format!("snapbench-{i}"), format!("pod-snapbench-{i}"));
-        let (id, _, _) = make_ready(
+        let id = volume_with_data(
             &mut client,
             &node,
             &setup,
             token.as_deref(),
             &name,
             &pod,
-            written + 256 * MIB,
+            written,
         )
         .await?;
-        let target = node.target_path(&pod, &id);
-        tokio::task::block_in_place(|| fill(&format!("{target}/data"), written))?;
 
         cold_cache()?;
         let start = Instant::now();
@@ -105,18 +103,8 @@ pub(super) async fn run(
             .context("CreateSnapshot returned no snapshot")?;
         let snapshot_time = start.elapsed();
 
-        let restore_req = restore_request(&name, written + 256 * MIB, &params, &snapshot);
-        cold_cache()?;
-        let start = Instant::now();
-        let restored = client
-            .controller
-            .create_volume(restore_req)
-            .await?
-            .into_inner()
-            .volume
-            .context("CreateVolume returned no volume")?
-            .volume_id;
-        let restore_time = start.elapsed();
+        let (restored, restore_time) =
+            timed_restore(&mut client, &name, written + 256 * MIB, &params, &snapshot).await?;
 
         let cp_time = cp_sparse(&node, &id).await?;
 
@@ -263,18 +251,16 @@ pub(super) async fn run_backups(exe: &std::path::Path, args: &BenchArgs) -> anyh
     for (i, written) in WRITTEN.into_iter().enumerate() {
         let (name, pod) = (format!("backupbench-{i}"), format!("pod-backupbench-{i}"));
         let size = written + 256 * MIB;
-        let (id, _, _) = make_ready(
+        let id = volume_with_data(
             &mut a_client,
             &a_node,
             &setup,
             Some(&token),
             &name,
             &pod,
-            size,
+            written,
         )
         .await?;
-        let target = a_node.target_path(&pod, &id);
-        tokio::task::block_in_place(|| fill(&format!("{target}/data"), written))?;
 
         cold_cache()?;
         let request = csi::CreateSnapshotRequest {
@@ -299,18 +285,8 @@ pub(super) async fn run_backups(exe: &std::path::Path, args: &BenchArgs) -> anyh
         };
         let backup_time = start.elapsed();
 
-        let restore_req = restore_request(&name, size, &param_refs, &snapshot);
-        cold_cache()?;
-        let start = Instant::now();
-        let restored = b_client
-            .controller
-            .create_volume(restore_req)
-            .await?
-            .into_inner()
-            .volume
-            .context("CreateVolume returned no volume")?
-            .volume_id;
-        let restore_time = start.elapsed();
+        let (restored, restore_time) =
+            timed_restore(&mut b_client, &name, size, &param_refs, &snapshot).await?;
 
         let cp_time = cp_sparse(&a_node, &id).await?;
         b_client
@@ -372,13 +348,32 @@ pub(super) async fn run_backups(exe: &std::path::Path, args: &BenchArgs) -> anyh
     Ok(())
 }
 
-/// CreateVolume `restored-{name}` of `bytes` from `snapshot`.
-fn restore_request(
+/// A volume `name` of `written` + 256 MiB published to `pod`, with `written` bytes in its file
+/// `data`, synced.
+async fn volume_with_data(
+    client: &mut CsiClient,
+    node: &ScratchNode,
+    setup: &Setup,
+    token: Option<&str>,
+    name: &str,
+    pod: &str,
+    written: i64,
+) -> anyhow::Result<String> {
+    let (id, _, _) = make_ready(client, node, setup, token, name, pod, written + 256 * MIB).await?;
+    let target = node.target_path(pod, &id);
+    tokio::task::block_in_place(|| fill(&format!("{target}/data"), written))?;
+    Ok(id)
+}
+
+/// CreateVolume `restored-{name}` of `bytes` from `snapshot`, from a cold cache: the new
+/// volume's id and how long the call took.
+async fn timed_restore(
+    client: &mut CsiClient,
     name: &str,
     bytes: i64,
     params: &[(&str, &str)],
     snapshot: &csi::Snapshot,
-) -> csi::CreateVolumeRequest {
+) -> anyhow::Result<(String, Duration)> {
     let mut req = requests::create(&format!("restored-{name}"), bytes, params);
     req.volume_content_source = Some(csi::VolumeContentSource {
         r#type: Some(csi::volume_content_source::Type::Snapshot(
@@ -387,7 +382,17 @@ fn restore_request(
             },
         )),
     });
-    req
+    cold_cache()?;
+    let start = Instant::now();
+    let restored = client
+        .controller
+        .create_volume(req)
+        .await?
+        .into_inner()
+        .volume
+        .context("CreateVolume returned no volume")?
+        .volume_id;
+    Ok((restored, start.elapsed()))
 }
 
 /// `cp --sparse=always` of volume `id`'s file on `node`'s pool, synced, from a cold cache.

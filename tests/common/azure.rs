@@ -79,7 +79,10 @@ impl Azure {
                 json!({"principal": "9f0c2d4e-2222-4222-8222-0000000000ee", "role": "Storage Blob Data Reader", "scope": scope}),
             ]);
             config["storage_accounts"] = json!([{"name": ACCOUNT, "containers": [CONTAINER]}]);
-            azurite = Some(azurite_binary());
+            azurite = Some(
+                sealvol::harness::azure::azurite_binary()
+                    .unwrap_or_else(|e| panic!("{e} (hack/test installs it)")),
+            );
         }
         let emu = Emulator::start(Options {
             config: Config::parse(&config.to_string()).unwrap(),
@@ -177,21 +180,6 @@ impl Azure {
     pub fn unwraps(&self) -> u64 {
         self.emu.count("keyvault.unwrap", Some(200))
     }
-}
-
-/// Azurite's Blob service: `$AZURITE_BLOB`, else `azurite-blob` on the PATH.
-pub fn azurite_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("AZURITE_BLOB") {
-        return PathBuf::from(p);
-    }
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("azurite-blob"))
-        .find(|p| p.exists());
-    found.unwrap_or_else(|| {
-        panic!("azurite-blob is not installed: npm install -g azurite@3.37.0 (hack/test does)")
-    })
 }
 
 /// A node plugin that backs snapshots up to the emulator's container with the driver's own
